@@ -1,0 +1,122 @@
+"""Per-round checkpoints: the global adapter (PEFT format), strategy state and run state.
+
+A round folder is assembled under a temporary name and renamed into place, so a folder named
+`round_NNNN` is always complete; its run_state.json records a sha256 for every file, checked on
+load, so a damaged checkpoint is detected and skipped rather than loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedit.errors import FeditError
+from fedit.lora import ADAPTER_FILE, AdapterState, write_adapter_files
+
+STRATEGY_FILE = "strategy_state.safetensors"
+STATE_FILE = "run_state.json"
+PREFIX = "round_"
+
+
+class CheckpointError(FeditError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    folder: Path
+    adapter: AdapterState
+    strategy_state: dict[str, torch.Tensor]
+    run_state: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def round_dir(root: Path, rnd: int) -> Path:
+    return root / f"{PREFIX}{rnd:04d}"
+
+
+def save_checkpoint(
+    root: Path,
+    rnd: int,
+    model: Any,
+    adapter: AdapterState,
+    strategy_state: dict[str, torch.Tensor],
+    run_state: dict[str, Any],
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = round_dir(root, rnd)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        write_adapter_files(model, adapter, tmp)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in strategy_state.items()},
+            str(tmp / STRATEGY_FILE),
+        )
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        state = {**run_state, "round": rnd, "files": files}
+        with (tmp / STATE_FILE).open("w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # a re-run of this round after a resume replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    state_path = folder / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_path}: unreadable run state: {e}") from e
+    for name, digest in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CheckpointError(f"{path}: missing or corrupt (checksum mismatch)")
+    try:
+        adapter = load_file(str(folder / ADAPTER_FILE))
+        strategy_state = load_file(str(folder / STRATEGY_FILE))
+    except Exception as e:
+        raise CheckpointError(f"{folder}: cannot read tensors: {e}") from e
+    return Checkpoint(int(state["round"]), folder, adapter, strategy_state, state)
+
+
+def list_rounds(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    rounds = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+            rounds.append(int(p.name[len(PREFIX) :]))
+    return sorted(rounds)
+
+
+def latest_checkpoint(root: Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that verifies, and a note for each newer one that did not."""
+    problems: list[str] = []
+    for rnd in reversed(list_rounds(root)):
+        try:
+            return load_checkpoint(round_dir(root, rnd)), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems

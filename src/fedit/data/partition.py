@@ -1,0 +1,265 @@
+"""Held-out test split and the client partitioners, with statistics and files on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedit.config import Config, PartitionConfig
+from fedit.data.records import Record, write_jsonl
+from fedit.errors import FeditError
+from fedit.registry import Registry
+from fedit.seeding import generator
+
+
+class PartitionError(FeditError, ValueError):
+    """A partition that cannot be made; the message names the config key."""
+
+
+# (training records, partition config, rng) -> one list of record indices per client
+Partitioner = Callable[[Sequence[Record], PartitionConfig, np.random.Generator], list[list[int]]]
+PARTITIONERS: Registry[Partitioner] = Registry("partition method")
+
+
+@dataclass
+class Partition:
+    clients: list[list[Record]]
+    test: list[Record]
+    stats: dict[str, Any]
+
+
+def split_test(
+    records: Sequence[Record], per_category: int, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
+    """Stratified held-out set: `per_category` per category, never more than half of one."""
+    by_cat: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_cat.setdefault(r.category, []).append(i)
+    test: list[int] = []
+    for cat in sorted(by_cat):
+        idx = by_cat[cat]
+        take = min(per_category, len(idx) // 2)
+        test.extend(int(i) for i in rng.choice(idx, size=take, replace=False))
+    test_set = set(test)
+    train = [i for i in range(len(records)) if i not in test_set]
+    return train, sorted(test)
+
+
+def _need(n: int, k: int, what: str) -> None:
+    if k < 1:
+        raise PartitionError("partition.num_clients: must be >= 1 for this method")
+    if n < k:
+        raise PartitionError(
+            f"partition.num_clients: {k} clients need at least {k} {what}, "
+            f"but only {n} training records remain after the test split"
+        )
+
+
+@PARTITIONERS.register("iid")
+def iid(records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator) -> list[list[int]]:
+    """Uniformly shuffled, equal-sized clients."""
+    _need(len(records), cfg.num_clients, "records")
+    perm = rng.permutation(len(records))
+    return [part.tolist() for part in np.array_split(perm, cfg.num_clients)]
+
+
+@PARTITIONERS.register("shards")
+def shards(
+    records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
+) -> list[list[int]]:
+    """Shepherd's heterogeneous split: sort by category, cut into shards, deal them out."""
+    n_shards = cfg.num_clients * cfg.shards_per_client
+    _need(len(records), n_shards, "records (num_clients x shards_per_client)")
+    perm = rng.permutation(len(records))
+    order = sorted(perm.tolist(), key=lambda i: records[i].category)  # stable: random within
+    pieces = np.array_split(np.asarray(order), n_shards)
+    deal = rng.permutation(n_shards)
+    s = cfg.shards_per_client
+    return [
+        sorted(int(i) for j in deal[c * s : (c + 1) * s] for i in pieces[j])
+        for c in range(cfg.num_clients)
+    ]
+
+
+def _fill_empty(parts: list[list[int]]) -> int:
+    """Give every empty client one record from the largest client; returns how many moved."""
+    moved = 0
+    for c, part in enumerate(parts):
+        if not part:
+            donor = max(range(len(parts)), key=lambda j: (len(parts[j]), -j))
+            part.append(parts[donor].pop())
+            parts[c] = part
+            moved += 1
+    return moved
+
+
+@PARTITIONERS.register("dirichlet")
+def dirichlet(
+    records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
+) -> list[list[int]]:
+    """Per category, client shares drawn from Dirichlet(alpha); small alpha = strong skew.
+
+    One draw per category, so it always terminates; a client left empty receives one record
+    from the largest client (counted in the stats as `repaired`).
+    """
+    k = cfg.num_clients
+    _need(len(records), k, "records")
+    by_cat: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_cat.setdefault(r.category, []).append(i)
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for cat in sorted(by_cat):
+        idx = rng.permutation(by_cat[cat])
+        p = rng.dirichlet(np.full(k, cfg.alpha))
+        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+        for c, piece in enumerate(np.split(idx, cuts)):
+            parts[c].extend(int(i) for i in piece)
+    _fill_empty(parts)
+    return [sorted(p) for p in parts]
+
+
+@PARTITIONERS.register("quantity")
+def quantity(
+    records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
+) -> list[list[int]]:
+    """IID content, client sizes drawn from Dirichlet(alpha) (at least one record each)."""
+    k = cfg.num_clients
+    _need(len(records), k, "records")
+    sizes = 1 + rng.multinomial(len(records) - k, rng.dirichlet(np.full(k, cfg.alpha)))
+    perm = rng.permutation(len(records))
+    return [sorted(p.tolist()) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+@PARTITIONERS.register("natural")
+def natural(
+    records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
+) -> list[list[int]]:
+    """One client per value of a record field (e.g. the user); with fewer clients than values,
+    whole groups are packed onto the currently smallest client (largest group first)."""
+    groups: dict[str, list[int]] = {}
+    missing = 0
+    for i, r in enumerate(records):
+        key = getattr(r, cfg.natural_field)
+        if key is None:
+            missing += 1
+            continue
+        groups.setdefault(str(key), []).append(i)
+    if missing:
+        raise PartitionError(
+            f"partition.natural_field: {missing} of {len(records)} records have no "
+            f"{cfg.natural_field!r} value (map it with data.fields.{cfg.natural_field})"
+        )
+    k = cfg.num_clients or len(groups)
+    if k > len(groups):
+        raise PartitionError(
+            f"partition.num_clients: {k} clients but only {len(groups)} distinct "
+            f"{cfg.natural_field!r} values"
+        )
+    if k == len(groups):
+        return [groups[key] for key in sorted(groups)]
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for key in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        smallest = min(range(k), key=lambda c: (len(parts[c]), c))
+        parts[smallest].extend(groups[key])
+    return [sorted(p) for p in parts]
+
+
+def partition_stats(clients: Sequence[Sequence[Record]], test: Sequence[Record]) -> dict[str, Any]:
+    """Sizes, category histograms and a heterogeneity summary."""
+    cats = sorted({r.category for c in clients for r in c} | {r.category for r in test})
+    hists = [Counter(r.category for r in c) for c in clients]
+    total = Counter[str]()
+    for h in hists:
+        total.update(h)
+    n = sum(total.values())
+    global_p = np.array([total[c] / n for c in cats])
+    sizes = np.array([len(c) for c in clients], dtype=float)
+    tv = [
+        0.5 * float(np.abs(np.array([h[c] / len(cl) for c in cats]) - global_p).sum())
+        for h, cl in zip(hists, clients, strict=True)
+        if cl
+    ]
+    return {
+        "num_clients": len(clients),
+        "num_train": n,
+        "num_test": len(test),
+        "categories": cats,
+        "test_per_category": dict(sorted(Counter(r.category for r in test).items())),
+        "clients": [
+            {"client": i, "size": len(c), "categories": dict(sorted(h.items()))}
+            for i, (c, h) in enumerate(zip(clients, hists, strict=True))
+        ],
+        "heterogeneity": {
+            "size_min": int(sizes.min()),
+            "size_mean": float(sizes.mean()),
+            "size_max": int(sizes.max()),
+            "size_cv": float(sizes.std() / sizes.mean()) if sizes.mean() else 0.0,
+            "categories_per_client_mean": float(np.mean([len(h) for h in hists])),
+            # 0 = every client looks like the pooled data; 1 = disjoint category supports.
+            "category_tv_mean": float(np.mean(tv)) if tv else 0.0,
+        },
+    }
+
+
+def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
+    """Optional subsample, test split, then client split, all seeded from `cfg.seed`."""
+    if cfg.data.max_records and len(records) > cfg.data.max_records:
+        keep = generator(cfg.seed, "subsample").choice(len(records), cfg.data.max_records, False)
+        records = [records[i] for i in sorted(keep)]
+    train_idx, test_idx = split_test(
+        records, cfg.data.test_per_category, generator(cfg.seed, "test-split")
+    )
+    train = [records[i] for i in train_idx]
+    fn = PARTITIONERS.get(cfg.partition.method)
+    parts = fn(train, cfg.partition, generator(cfg.seed, "partition", cfg.partition.method))
+    clients = [[train[i] for i in p] for p in parts]
+    for c, recs in enumerate(clients):
+        if not recs:
+            raise PartitionError(
+                f"partition.method={cfg.partition.method!r} left client {c} empty; "
+                "use fewer clients or another method"
+            )
+    test = [records[i] for i in test_idx]
+    return Partition(clients=clients, test=test, stats=partition_stats(clients, test))
+
+
+def format_stats(stats: dict[str, Any], max_rows: int = 100) -> str:
+    """A readable table: one row per client with its category counts."""
+    cats: list[str] = stats["categories"]
+    heads = [c[:10] for c in cats]
+    width = max([6, *(len(h) for h in heads)])
+    lines = ["client   size " + " ".join(h.rjust(width) for h in heads)]
+    rows = stats["clients"]
+    for row in rows[:max_rows]:
+        counts = " ".join(str(row["categories"].get(c, 0)).rjust(width) for c in cats)
+        lines.append(f"{row['client']:>6} {row['size']:>6} {counts}")
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more clients (see stats.json)")
+    test_counts = " ".join(str(stats["test_per_category"].get(c, 0)).rjust(width) for c in cats)
+    lines.append(f"{'test':>6} {stats['num_test']:>6} {test_counts}")
+    h = stats["heterogeneity"]
+    lines.append(
+        f"{stats['num_clients']} clients, {stats['num_train']} train / {stats['num_test']} test; "
+        f"size min/mean/max {h['size_min']}/{h['size_mean']:.1f}/{h['size_max']} "
+        f"(cv {h['size_cv']:.2f}); categories per client {h['categories_per_client_mean']:.2f}; "
+        f"category TV distance to pooled {h['category_tv_mean']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def write_partition(partition: Partition, out: Path) -> None:
+    """clients/client_NNNN.jsonl, test.jsonl and stats.json; stats.json is written last."""
+    (out / "clients").mkdir(parents=True, exist_ok=True)
+    for i, recs in enumerate(partition.clients):
+        write_jsonl(out / "clients" / f"client_{i:04d}.jsonl", recs)
+    write_jsonl(out / "test.jsonl", partition.test)
+    tmp = out / ".stats.json.tmp"
+    tmp.write_text(json.dumps(partition.stats, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "stats.json")

@@ -1,0 +1,266 @@
+"""Instruction records: read JSON / JSONL / Parquet (or a hub dataset), map fields, validate.
+
+Every bad row is reported as `file:line: what is wrong` before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit.config import DataConfig
+from fedit.errors import FeditError
+
+DATA_DIR_ENV = "FEDIT_DATA_DIR"
+UNKNOWN_CATEGORY = "uncategorized"
+
+# Field names per record layout; `data.fields` overrides them role by role.
+FORMATS: dict[str, dict[str, str]] = {
+    "dolly": {
+        "instruction": "instruction",
+        "input": "context",
+        "output": "response",
+        "category": "category",
+        "user": "user",
+    },
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "category": "category",
+        "user": "user",
+    },
+    "chat": {"messages": "messages", "category": "category", "user": "user"},
+}
+
+
+class DataError(FeditError, ValueError):
+    """Unusable data; the message names the file and line."""
+
+
+@dataclass
+class Record:
+    """One instruction example in fedit's canonical form."""
+
+    instruction: str
+    response: str
+    context: str = ""
+    category: str = UNKNOWN_CATEGORY
+    user: str | None = None
+    # Earlier turns of a chat record (role/content dicts), kept for the chat template.
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.history:
+            d.pop("history")
+        if self.user is None:
+            d.pop("user")
+        return d
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def resolve_data_path(path: str) -> Path:
+    """Find a data file: as given, then inside $FEDIT_DATA_DIR. Errors say where it looked."""
+    p = Path(path).expanduser()
+    tried = [p.resolve()]
+    if p.is_file():
+        return p
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir and not p.is_absolute():
+        q = Path(data_dir).expanduser() / p
+        tried.append(q.resolve())
+        if q.is_file():
+            return q
+    hint = "" if data_dir else f" (set {DATA_DIR_ENV} to the folder that holds it)"
+    looked = ", ".join(str(t) for t in tried)
+    raise DataError(f"data file {path!r} not found; looked in: {looked}{hint}")
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) pairs; JSON arrays number their items from 1."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    if suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("[")):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON array of records")
+        yield from enumerate(items, start=1)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+
+
+def detect_format(obj: Mapping[str, Any], fields: Mapping[str, str]) -> str:
+    keys = set(obj)
+    for name in ("chat", "dolly", "alpaca"):
+        spec = {**FORMATS[name], **fields}
+        need = ["messages"] if name == "chat" else ["instruction", "output"]
+        if all(spec[r] in keys for r in need) and (name != "dolly" or spec["input"] in keys):
+            return name
+    raise DataError(
+        f"cannot tell the record format from keys {sorted(keys)}; set data.format "
+        f"(dolly | alpaca | chat) and data.fields"
+    )
+
+
+def _text(obj: Mapping[str, Any], name: str, where: str, required: bool) -> str:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise DataError(f"{where}: missing field {name!r}")
+        return ""
+    value = obj[name]
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
+    text = str(value)
+    if required and not text.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return text
+
+
+def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Record:
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    spec = {**FORMATS[fmt], **fields}
+    category = _text(obj, spec["category"], where, False).strip() or UNKNOWN_CATEGORY
+    user = _text(obj, spec["user"], where, False).strip() or None
+    if fmt != "chat":
+        return Record(
+            instruction=_text(obj, spec["instruction"], where, True),
+            context=_text(obj, spec["input"], where, False),
+            response=_text(obj, spec["output"], where, True),
+            category=category,
+            user=user,
+        )
+    messages = obj.get(spec["messages"])
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field {spec['messages']!r} must be a non-empty list of turns")
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {spec['messages']}[{i}] needs 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: {spec['messages']}[{i}] has unknown role {m['role']!r}")
+        turns.append({"role": str(m["role"]), "content": str(m["content"])})
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise DataError(f"{where}: a chat record must end with a user turn then an assistant turn")
+    if not turns[-1]["content"].strip():
+        raise DataError(f"{where}: the final assistant turn is empty")
+    return Record(
+        instruction=turns[-2]["content"],
+        response=turns[-1]["content"],
+        category=category,
+        user=user,
+        history=turns[:-2],
+    )
+
+
+def parse_records(
+    raw: Iterable[tuple[int, Any]], source: str, cfg: DataConfig
+) -> tuple[list[Record], LoadReport]:
+    report = LoadReport(source=source)
+    records: list[Record] = []
+    fmt = cfg.format
+    for lineno, obj in raw:
+        where = f"{source}:{lineno}"
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            if fmt == "auto":
+                if not isinstance(obj, Mapping):
+                    raise DataError(f"{where}: expected a JSON object")
+                try:
+                    fmt = detect_format(obj, cfg.fields)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+            records.append(to_record(obj, fmt, cfg.fields, where))
+        except DataError as e:
+            if not cfg.skip_bad_records:
+                raise
+            report.skipped.append(str(e))
+    report.loaded = len(records)
+    if not records:
+        raise DataError(f"{source}: no usable records" + _skip_note(report))
+    return records, report
+
+
+def _skip_note(report: LoadReport) -> str:
+    if not report.skipped:
+        return ""
+    return f" ({len(report.skipped)} skipped; first: {report.skipped[0]})"
+
+
+def load_records(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
+    """Load and validate the records named by `data.path`."""
+    if cfg.path.startswith("hf:"):
+        return _load_hub(cfg)
+    path = resolve_data_path(cfg.path)
+    return parse_records(_iter_raw(path), str(path), cfg)
+
+
+def _load_hub(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
+    name = cfg.path[3:]
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"data.path {cfg.path!r}: hub datasets need `pip install datasets`") from e
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(f"data.path {cfg.path!r}: could not load from the hub: {e}") from e
+    return parse_records(enumerate(ds, start=1), f"hf:{name}", cfg)
+
+
+def write_jsonl(path: Path, records: Iterable[Record]) -> None:
+    """Atomic JSONL write in the canonical (dolly-like) layout."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_canonical(path: Path) -> list[Record]:
+    """Read a file written by `write_jsonl` (client and test files of a partition)."""
+    records = []
+    for lineno, obj in _iter_raw(path):
+        where = f"{path}:{lineno}"
+        if isinstance(obj, DataError):
+            raise obj
+        if not isinstance(obj, Mapping):
+            raise DataError(f"{where}: expected a JSON object")
+        try:
+            records.append(Record(**obj))
+        except TypeError as e:
+            raise DataError(f"{where}: not a fedit record: {e}") from None
+    return records

