@@ -139,7 +139,8 @@ class FederationConfig:
 
     def clients_this_round(self, num_clients: int) -> int:
         k = self.clients_per_round
-        n = max(1, round(k * num_clients)) if isinstance(k, float) else k
+        # Shepherd's rule: floor of fraction x clients, at least one.
+        n = max(1, int(k * num_clients + 1e-9)) if isinstance(k, float) else k
         if n > num_clients:
             raise ConfigError(
                 f"federation.clients_per_round: {n} clients per round but the partition has "

@@ -185,6 +185,9 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     """(tokenizer, model) with the base weights frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # fedit shows its own progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     kind, where = resolve(cfg)
