@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from fedit.config import Config, config_from_dict
 
+# Tests never reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 CATEGORIES = ["open_qa", "brainstorming", "summarization", "classification"]
-WORDS = "river city music garden planet history science bread ocean mountain light".split()
+WORDS = [
+    "river", "city", "music", "garden", "planet", "history", "science", "bread", "ocean", "light"
+]  # fmt: skip
 
 
 def make_rows(n_per_category: int = 12, users: int = 0) -> list[dict[str, str]]:

@@ -59,8 +59,13 @@ def test_overrides_are_typed() -> None:
 
 
 def test_clients_per_round_count_vs_fraction() -> None:
-    assert load_config(None, ["federation.clients_per_round=1"]).federation.clients_this_round(8) == 1
-    assert load_config(None, ["federation.clients_per_round=1.0"]).federation.clients_this_round(8) == 8
+    assert (
+        load_config(None, ["federation.clients_per_round=1"]).federation.clients_this_round(8) == 1
+    )
+    assert (
+        load_config(None, ["federation.clients_per_round=1.0"]).federation.clients_this_round(8)
+        == 8
+    )
     with pytest.raises(ConfigError, match="federation.clients_per_round"):
         load_config(None, ["federation.clients_per_round=12"]).federation.clients_this_round(8)
     with pytest.raises(ConfigError, match="federation.clients_per_round"):

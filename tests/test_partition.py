@@ -87,7 +87,9 @@ def test_natural_errors_name_the_key() -> None:
         part("natural", num_clients=50)
     no_users = [Record(instruction="a", response="b", category="x")] * 4
     with pytest.raises(PartitionError, match="partition.natural_field"):
-        PARTITIONERS.get("natural")(no_users, PartitionConfig(method="natural"), np.random.default_rng(0))
+        PARTITIONERS.get("natural")(
+            no_users, PartitionConfig(method="natural"), np.random.default_rng(0)
+        )
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet", "quantity", "shards"])
@@ -111,7 +113,11 @@ def test_unknown_method_lists_known() -> None:
 def test_dirichlet_always_terminates_and_fills_every_client(
     sizes: list[int], k: int, alpha: float, seed: int
 ) -> None:
-    recs = [Record(instruction=f"{c}-{i}", response="r", category=f"c{c}") for c, n in enumerate(sizes) for i in range(n)]
+    recs = [
+        Record(instruction=f"{c}-{i}", response="r", category=f"c{c}")
+        for c, n in enumerate(sizes)
+        for i in range(n)
+    ]
     cfg = PartitionConfig(method="dirichlet", num_clients=k, alpha=alpha)
     if len(recs) < k:
         with pytest.raises(PartitionError):

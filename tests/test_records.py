@@ -43,7 +43,12 @@ def test_chat_records_keep_history(tmp_path: Path) -> None:
     p = tmp_path / "chat.jsonl"
     p.write_text(json.dumps(row) + "\n")
     (r,), _ = load_records(cfg(p, fields={"category": "topic", "user": "author"}))
-    assert (r.instruction, r.response, r.category, r.user) == ("Capital of France?", "Paris.", "geo", "alice")
+    assert (r.instruction, r.response, r.category, r.user) == (
+        "Capital of France?",
+        "Paris.",
+        "geo",
+        "alice",
+    )
     assert [t["role"] for t in r.history] == ["system", "user", "assistant"]
 
 
@@ -51,7 +56,11 @@ def test_field_mapping(tmp_path: Path) -> None:
     p = tmp_path / "qa.jsonl"
     p.write_text(json.dumps({"question": "Q?", "answer": "A.", "domain": "d"}) + "\n")
     (r,), _ = load_records(
-        cfg(p, format="alpaca", fields={"instruction": "question", "output": "answer", "category": "domain"})
+        cfg(
+            p,
+            format="alpaca",
+            fields={"instruction": "question", "output": "answer", "category": "domain"},
+        )
     )
     assert (r.instruction, r.response, r.category) == ("Q?", "A.", "d")
 
@@ -93,7 +102,9 @@ def test_missing_and_empty_fields_name_file_line_and_field(tmp_path: Path) -> No
 
 def test_non_utf8_names_line(tmp_path: Path) -> None:
     p = tmp_path / "d.jsonl"
-    p.write_bytes(b'{"instruction": "a", "context": "", "response": "b"}\n{"instruction": "\xff"}\n')
+    p.write_bytes(
+        b'{"instruction": "a", "context": "", "response": "b"}\n{"instruction": "\xff"}\n'
+    )
     with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8"):
         load_records(cfg(p))
 

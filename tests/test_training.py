@@ -39,7 +39,9 @@ def test_one_client_equals_plain_local_training(data_file: Path) -> None:
     width = max(len(e.input_ids) for e in examples)
     ids = torch.tensor([e.input_ids + [fed.pad_id] * (width - len(e.input_ids)) for e in examples])
     labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples])
-    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples])
+    mask = torch.tensor(
+        [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.client.lr, weight_decay=0.0)
     model.train()
@@ -73,7 +75,9 @@ def test_gradient_accumulation_matches_one_big_batch(data_file: Path) -> None:
     states = []
     for micro in (8, 2):
         c = one_client_cfg(data_file, batch_size=8, micro_batch_size=micro).client
-        u = train_local(fed.model, fed.global_state, examples, c, client_id=0, seed=5, pad_token_id=fed.pad_id)
+        u = train_local(
+            fed.model, fed.global_state, examples, c, client_id=0, seed=5, pad_token_id=fed.pad_id
+        )
         states.append(u.state)
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-6), k
@@ -92,7 +96,15 @@ def test_length_grouping_reduces_padding(data_file: Path) -> None:
     eff = {}
     for grouped in (True, False):
         c = tiny_config(data_file, client={"max_steps": 0, "group_by_length": grouped}).client
-        u = train_local(fed.model, fed.global_state, fed.client_examples(0), c, client_id=0, seed=1, pad_token_id=fed.pad_id)
+        u = train_local(
+            fed.model,
+            fed.global_state,
+            fed.client_examples(0),
+            c,
+            client_id=0,
+            seed=1,
+            pad_token_id=fed.pad_id,
+        )
         eff[grouped] = u.metrics["padding_efficiency"]
     assert eff[True] >= eff[False]
     assert eff[True] > 0.9

@@ -68,7 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if last:
         print("\nheld-out loss per category (last evaluated round):")
         for cat, v in last["per_category"].items():
-            print(f"  {cat:<24} loss {v['loss']:.4f}  ppl {v['ppl']:8.2f}  tokens {int(v['tokens'])}")
+            print(
+                f"  {cat:<24} loss {v['loss']:.4f}  ppl {v['ppl']:8.2f}  tokens {int(v['tokens'])}"
+            )
     print(f"\nglobal adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}")
     return 0
 

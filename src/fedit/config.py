@@ -10,7 +10,7 @@ import dataclasses
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -25,7 +25,8 @@ class ConfigError(FeditError, ValueError):
 def opt(default: Any, help: str) -> Any:
     """A field with its help text; mutable defaults are copied per instance."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        copy: Callable[[], Any] = lambda: type(default)(default)  # noqa: E731
+        return field(default_factory=copy, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -196,9 +197,13 @@ class LoraConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = opt(1, "Evaluate the global adapter every N rounds (and always the last); 0 = never.")
+    every: int = opt(
+        1, "Evaluate the global adapter every N rounds (and always the last); 0 = never."
+    )
     micro_batch_size: int = opt(8, "Examples per evaluation forward pass.")
-    max_examples: int = opt(0, "Evaluate on at most N test examples (0 = all), same ones each round.")
+    max_examples: int = opt(
+        0, "Evaluate on at most N test examples (0 = all), same ones each round."
+    )
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0")

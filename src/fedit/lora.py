@@ -68,9 +68,10 @@ def set_adapter(model: Any, state: AdapterState) -> None:
                 f"adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
                 f"{tuple(expected[k].shape)} (different base model or LoRA rank?)"
             )
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelError(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")
+    result: Any = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
 
 
 def trainable_names(model: Any) -> list[str]:
@@ -78,16 +79,22 @@ def trainable_names(model: Any) -> list[str]:
 
 
 def save_adapter(model: Any, state: AdapterState, out: Path) -> None:
-    """A standard PEFT adapter folder (loadable by PeftModel.from_pretrained), written atomically."""
+    """A standard PEFT adapter folder (PeftModel.from_pretrained loads it), written atomically.
+
+    The new folder is complete before it takes the name; an old one is moved aside first.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = out.with_name(f".{out.name}.old")
     try:
         write_adapter_files(model, state, tmp)
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_adapter_files(model: Any, state: AdapterState, folder: Path) -> None:

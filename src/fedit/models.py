@@ -184,7 +184,6 @@ def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     """(tokenizer, model) with the base weights frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # fedit shows its own progress
@@ -213,5 +212,9 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
 def module_names(model: Any) -> list[str]:
     """Distinct leaf names of the model's Linear modules (what LoRA can target)."""
     return sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
     )

@@ -28,7 +28,9 @@ class Progress:
             prefix = "\r\033[K" if self.tty else ""
             print(f"{prefix}[{self._elapsed()}] {text}", file=self.stream, flush=True)
 
-    def step(self, rnd: int, rounds: int, slot: str, client: int, step: int, total: int, loss: float) -> None:
+    def step(
+        self, rnd: int, rounds: int, slot: str, client: int, step: int, total: int, loss: float
+    ) -> None:
         if not self.enabled:
             return
         text = f"round {rnd}/{rounds} client {client} ({slot}) step {step}/{total} loss {loss:.4f}"

@@ -17,9 +17,17 @@ from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_par
 from fedit.data.prompts import TEMPLATES, Example, tokenize_records
 from fedit.data.records import DataError, load_records
 from fedit.evaluate.loss import EvalSet, evaluate_loss
-from fedit.lora import AdapterState, attach_lora, get_adapter, save_adapter, set_adapter, state_bytes
+from fedit.lora import (
+    AdapterState,
+    attach_lora,
+    get_adapter,
+    save_adapter,
+    set_adapter,
+    state_bytes,
+)
 from fedit.models import load_model
 from fedit.progress import Progress, summary_table
+from fedit.registry import Registry
 from fedit.seeding import derive_seed, generator
 from fedit.selection import SELECTORS
 from fedit.strategies import STRATEGIES, build_strategy
@@ -39,12 +47,13 @@ class RunResult:
 
 def check_names(cfg: Config) -> None:
     """Every registered name in the config resolves, before any data or model is loaded."""
-    for key, registry, name in [
+    checks: list[tuple[str, Registry[Any], str]] = [
         ("partition.method", PARTITIONERS, cfg.partition.method),
         ("federation.strategy", STRATEGIES, cfg.federation.strategy),
         ("federation.selection", SELECTORS, cfg.federation.selection),
         ("data.template", TEMPLATES, cfg.data.template),
-    ]:
+    ]
+    for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown name {name!r}; known: {', '.join(registry.names())}")
 
@@ -58,7 +67,9 @@ class Federation:
         self.progress = progress or Progress(enabled=False)
         records, report = load_records(cfg.data)
         if report.skipped:
-            self.progress.log(f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}")
+            self.progress.log(
+                f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}"
+            )
         self.partition: Partition = make_partition(records, cfg)
         self.num_clients = len(self.partition.clients)
         self.per_round = cfg.federation.clients_this_round(self.num_clients)
@@ -69,14 +80,23 @@ class Federation:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._examples: dict[int, list[Example]] = {}
         test, dropped = self._tokenize(self.partition.test)
+        if dropped:
+            self.progress.log(
+                f"{dropped} test examples dropped: their response starts past "
+                f"data.cutoff_len={cfg.data.cutoff_len}"
+            )
         if cfg.eval.max_examples and len(test) > cfg.eval.max_examples:
-            keep = generator(cfg.seed, "eval-subset").permutation(len(test))[: cfg.eval.max_examples]
+            keep = generator(cfg.seed, "eval-subset").permutation(len(test))[
+                : cfg.eval.max_examples
+            ]
             test = [test[i] for i in sorted(keep)]
         self.eval_set = EvalSet.build(test, cfg.eval.micro_batch_size)
 
     def _tokenize(self, records: Any) -> tuple[list[Example], int]:
         d = self.cfg.data
-        return tokenize_records(records, self.tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+        return tokenize_records(
+            records, self.tokenizer, d.template, d.cutoff_len, d.train_on_inputs
+        )
 
     def client_examples(self, client: int) -> list[Example]:
         """Tokenized once per client, on first use, then kept for the run."""
@@ -86,6 +106,11 @@ class Federation:
                 raise DataError(
                     f"client {client}: all {dropped} examples lose their response at "
                     f"data.cutoff_len={self.cfg.data.cutoff_len}; raise it"
+                )
+            if dropped:
+                self.progress.log(
+                    f"client {client}: {dropped} of {dropped + len(examples)} examples dropped "
+                    f"(response starts past data.cutoff_len={self.cfg.data.cutoff_len})"
                 )
             self._examples[client] = examples
         return self._examples[client]
@@ -201,9 +226,7 @@ def run_federation(
                     )
     fed = Federation(cfg, progress)
     stats = fed.partition.stats
-    progress.log(
-        "partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100)
-    )
+    progress.log("partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100))
     history: list[dict[str, Any]] = []
     metrics_path = out / "metrics.jsonl" if out else None
     start = 1
@@ -221,7 +244,7 @@ def run_federation(
             _rewrite_metrics(metrics_path, -1)
     rounds = cfg.federation.rounds
     if start == 1 and cfg.eval.every:
-        row = {"round": 0, "clients": [], "eval": fed.evaluate()}
+        row: dict[str, Any] = {"round": 0, "clients": [], "eval": fed.evaluate()}
         progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
         history.append(row)
         if metrics_path:

@@ -63,7 +63,9 @@ def _need(n: int, k: int, what: str) -> None:
 
 
 @PARTITIONERS.register("iid")
-def iid(records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator) -> list[list[int]]:
+def iid(
+    records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
+) -> list[list[int]]:
     """Uniformly shuffled, equal-sized clients."""
     _need(len(records), cfg.num_clients, "records")
     perm = rng.permutation(len(records))

@@ -1,4 +1,4 @@
-"""Prompt templates and tokenization: prompt + response + EOS, truncated, prompt masked in labels."""
+"""Prompt templates and tokenization: prompt + response + EOS, truncated, prompt masked."""
 
 from __future__ import annotations
 

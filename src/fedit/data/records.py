@@ -95,8 +95,7 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
     try:
         text = path.read_bytes().decode("utf-8")
@@ -112,11 +111,11 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: expected a JSON array of records")
         yield from enumerate(items, start=1)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            yield lineno, json.loads(raw)
         except json.JSONDecodeError as e:
             yield lineno, DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
 
@@ -190,7 +189,7 @@ def parse_records(
 ) -> tuple[list[Record], LoadReport]:
     report = LoadReport(source=source)
     records: list[Record] = []
-    fmt = cfg.format
+    fmt: str = cfg.format
     for lineno, obj in raw:
         where = f"{source}:{lineno}"
         try:
