@@ -185,6 +185,14 @@ def test_partition_command(
     assert len(list((tmp_path / "p" / "clients").glob("*.jsonl"))) == 4
 
 
+def test_readme_key_table_is_current(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's table is the output of `fedit keys --markdown`: defaults live in config.py."""
+    assert main(["keys", "--markdown"]) == 0
+    readme = (ROOT / "README.md").read_text()
+    for line in capsys.readouterr().out.splitlines():
+        assert line in readme, f"README key table is stale: {line}"
+
+
 def test_keys_and_config_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys"]) == 0
     assert "federation.clients_per_round" in capsys.readouterr().out

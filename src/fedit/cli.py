@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the effective config as TOML")
     _config_args(show, required=False)
 
-    sub.add_parser("keys", help="list every config key with its type, default and meaning")
+    keys = sub.add_parser("keys", help="list every config key with its type, default and meaning")
+    keys.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
     return parser
 
 
@@ -97,8 +98,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print("| key | type | default | meaning |\n|---|---|---|---|")
     for key, tp, default, help_text in iter_keys():
-        print(f"{key} ({tp}, default {default!r})\n    {help_text}")
+        if args.markdown:
+            cells = [f"`{key}`", tp, f"`{default!r}`", help_text]
+            print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        else:
+            print(f"{key} ({tp}, default {default!r})\n    {help_text}")
     return 0
 
 
