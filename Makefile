@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint typecheck unit clean
+.PHONY: install run test lint typecheck unit readme-keys clean
 
 install: $(STAMP)
 
@@ -30,8 +30,8 @@ run: $(STAMP)
 	$(BIN)/fedit run $(CONFIG) --out $(OUT) --resume
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -40,6 +40,10 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# After changing a config field: regenerate the README's key table.
+readme-keys: $(STAMP)
+	$(BIN)/python tools/readme_keys.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import fedit
-from fedit.client import Update
+from fedit.client import ClientPlan, Update
 from fedit.config import Config, PartitionConfig
 from fedit.data.records import Record
 from fedit.lora import AdapterState
@@ -18,8 +18,11 @@ from tests.conftest import tiny_config
 class KeepGlobal:
     """A do-nothing strategy: the global adapter never moves."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, num_clients: int) -> None:
         self.calls = 0
+
+    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+        return ClientPlan()
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
         return {k: v.clone() for k, v in global_state.items()}

@@ -108,14 +108,11 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
-def test_toml_round_trip() -> None:
+def test_toml_round_trip(tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "shepherd.toml", ["data.fields={output='answer'}"])
-    p = Path(__file__).parent / ".roundtrip.toml"
-    try:
-        p.write_text(to_toml(cfg))
-        assert load_config(p) == cfg
-    finally:
-        p.unlink()
+    p = tmp_path / "roundtrip.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(p) == cfg
 
 
 def test_issue_keys_exist_and_are_documented() -> None:

@@ -133,7 +133,7 @@ def test_existing_run_needs_resume_and_resume_checks_config(
     ("args", "needle"),
     [
         (["--set", "federation.strategyy=fedavg"], "federation.strategyy"),
-        (["--set", "federation.strategy=fedsgd"], "known: fedavg"),
+        (["--set", "federation.strategy=fedsgd"], "fedavg, fedavgm, fednova, fedprox"),
         (["--set", "partition.method=bogus"], "partition.method"),
         (["--set", "lora.target_modules=['nope']"], "q_proj"),
         (["--set", "model.name=/no/such/model"], "/no/such/model"),
@@ -190,7 +190,7 @@ def test_readme_key_table_is_current(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["keys", "--markdown"]) == 0
     readme = (ROOT / "README.md").read_text()
     for line in capsys.readouterr().out.splitlines():
-        assert line in readme, f"README key table is stale: {line}"
+        assert line in readme, f"README key table is stale (run `make readme-keys`): {line}"
 
 
 def test_keys_and_config_commands(capsys: pytest.CaptureFixture[str]) -> None:

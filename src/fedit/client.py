@@ -14,13 +14,27 @@ from transformers import get_scheduler
 from fedit.batching import collate, token_losses, training_plan
 from fedit.config import ClientConfig
 from fedit.data.prompts import Example
-from fedit.lora import AdapterState, get_adapter, set_adapter
+from fedit.lora import AdapterState, adapter_parameters, get_adapter, set_adapter
 from fedit.seeding import derive_seed, generator
 
 # on_step(step, total_steps, loss of that step)
 StepCallback = Callable[[int, int, float], None]
 
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class ClientPlan:
+    """What the strategy asks of one client's local training this round."""
+
+    # FedProx: adds mu/2 * ||w - w_global||^2 over the LoRA weights to the loss.
+    prox_mu: float = 0.0
+    # SCAFFOLD: c - c_i, added to every gradient (keys as in the adapter state).
+    correction: AdapterState | None = None
+    # FFA-LoRA: A stays at its shared init; only B is trained and sent back.
+    train_lora_A: bool = True
+    # Heterogeneous ranks: train and send only the first `rank` LoRA components.
+    rank: int | None = None
 
 
 @dataclass
@@ -44,6 +58,7 @@ def train_local(
     seed: int,
     pad_token_id: int,
     on_step: StepCallback | None = None,
+    plan: ClientPlan | None = None,
 ) -> Update:
     """Load `adapter`, train it on `examples` with AdamW, return the new adapter state.
 
@@ -53,9 +68,20 @@ def train_local(
     """
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
+    plan = plan or ClientPlan()
     set_adapter(model, adapter)
-    params = [p for p in model.parameters() if p.requires_grad]
-    plan = training_plan(
+    by_key = adapter_parameters(model)
+    frozen = [] if plan.train_lora_A else [k for k in by_key if ".lora_A." in k]
+    masks = _rank_masks(by_key, plan.rank) if plan.rank is not None else {}
+    with torch.no_grad():
+        for k, m in masks.items():
+            by_key[k].mul_(m)
+    for k in frozen:
+        by_key[k].requires_grad_(False)
+    trained = {k: p for k, p in by_key.items() if k not in frozen}
+    params = list(trained.values())
+    anchor = {k: p.detach().clone() for k, p in trained.items()} if plan.prox_mu else {}
+    schedule = training_plan(
         [len(e.input_ids) for e in examples],
         cfg.batch_size,
         cfg.micro_batch_size,
@@ -69,7 +95,7 @@ def train_local(
         _SCHEDULES[cfg.lr_scheduler],
         optimizer,
         num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=len(plan),
+        num_training_steps=len(schedule),
     )
     loss_sum = 0.0
     target_tokens = real_tokens = computed_tokens = 0
@@ -79,7 +105,7 @@ def train_local(
     try:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "dropout"))
-            for step, micro_batches in enumerate(plan, start=1):
+            for step, micro_batches in enumerate(schedule, start=1):
                 n_targets = sum(examples[i].num_target_tokens for mb in micro_batches for i in mb)
                 step_loss = 0.0
                 for mb in micro_batches:
@@ -94,6 +120,7 @@ def train_local(
                     raise FloatingPointError(
                         f"client {client_id}: non-finite loss at local step {step}"
                     )
+                _adjust_gradients(trained, plan, anchor, masks)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -103,20 +130,27 @@ def train_local(
                 target_tokens += n_targets
                 step_losses.append(step_loss)
                 if on_step is not None:
-                    on_step(step, len(plan), step_loss)
+                    on_step(step, len(schedule), step_loss)
     finally:
         model.eval()
+        for k in frozen:
+            by_key[k].requires_grad_(True)
     seconds = time.perf_counter() - start
+    state = get_adapter(model)
+    if frozen:  # FFA-LoRA sends B only; A is the shared init everyone already has
+        state = {k: v for k, v in state.items() if k not in frozen}
+    if plan.rank is not None:
+        state = {k: _slice_rank(k, v, plan.rank) for k, v in state.items()}
     return Update(
         client_id=client_id,
-        state=get_adapter(model),
+        state=state,
         num_examples=len(examples),
-        num_steps=len(plan),
+        num_steps=len(schedule),
         metrics={
             "train_loss": loss_sum / max(target_tokens, 1),
             "first_step_loss": step_losses[0],
             "last_step_loss": step_losses[-1],
-            "steps": float(len(plan)),
+            "steps": float(len(schedule)),
             "target_tokens": float(target_tokens),
             "real_tokens": float(real_tokens),
             "padding_efficiency": real_tokens / max(computed_tokens, 1),
@@ -124,3 +158,39 @@ def train_local(
             "tokens_per_s": real_tokens / seconds if seconds > 0 else 0.0,
         },
     )
+
+
+def _rank_masks(params: dict[str, torch.nn.Parameter], rank: int) -> dict[str, torch.Tensor]:
+    """1 on the first `rank` LoRA components (rows of A, columns of B), 0 elsewhere."""
+    masks = {}
+    for k, p in params.items():
+        m = torch.zeros_like(p)
+        if ".lora_A." in k:
+            m[:rank] = 1
+        else:
+            m[:, :rank] = 1
+        masks[k] = m
+    return masks
+
+
+def _slice_rank(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
+    return value[:rank].clone() if ".lora_A." in key else value[:, :rank].clone()
+
+
+def _adjust_gradients(
+    params: dict[str, torch.nn.Parameter],
+    plan: ClientPlan,
+    anchor: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+) -> None:
+    """Strategy terms on the accumulated gradients, before clipping and the optimizer step."""
+    with torch.no_grad():
+        for k, p in params.items():
+            if p.grad is None:
+                continue
+            if plan.prox_mu:  # gradient of mu/2 * ||w - w_global||^2
+                p.grad.add_(p.detach() - anchor[k], alpha=plan.prox_mu)
+            if plan.correction is not None:
+                p.grad.add_(plan.correction[k])
+            if k in masks:
+                p.grad.mul_(masks[k])

@@ -151,6 +151,43 @@ class FederationConfig:
 
 
 @dataclass
+class StrategyConfig:
+    prox_mu: float = opt(
+        0.01, "FedProx: weight mu of the client penalty mu/2 * ||w - w_global||^2."
+    )
+    server_lr: float = opt(1.0, "Server step size for fedavgm, scaffold and fednova.")
+    momentum: float = opt(0.9, "FedAvgM: server momentum.")
+    adaptive_lr: float = opt(1e-3, "FedAdam / FedYogi / FedAdagrad: server learning rate.")
+    beta1: float = opt(0.9, "FedAdam / FedYogi: first-moment decay.")
+    beta2: float = opt(0.99, "FedAdam / FedYogi: second-moment decay.")
+    tau: float = opt(1e-3, "FedAdam / FedYogi / FedAdagrad: adaptivity (epsilon).")
+    lora_aggregation: Literal["naive", "svd", "ffa"] = opt(
+        "naive",
+        "How LoRA factors combine: 'naive' averages A and B apart (FedIT); 'svd' averages the "
+        "products B·A exactly and folds them back to rank r by truncated SVD; 'ffa' freezes A "
+        "at its shared init and trains and sends only B (exact, half the bytes).",
+    )
+    robust: Literal["mean", "median", "trimmed_mean"] = opt(
+        "mean", "Combine client adapters by weighted mean, coordinate-wise median or trimmed mean."
+    )
+    trim_ratio: float = opt(0.1, "trimmed_mean: fraction cut from each end per coordinate.")
+    clip_norm: float = opt(
+        0.0, "Clip each client's update (adapter - global) to this L2 norm; 0 = off."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.prox_mu >= 0, "strategy.prox_mu", "must be >= 0")
+        _check(self.server_lr > 0, "strategy.server_lr", "must be > 0")
+        _check(0 <= self.momentum < 1, "strategy.momentum", "must be in [0, 1)")
+        _check(self.adaptive_lr > 0, "strategy.adaptive_lr", "must be > 0")
+        _check(0 <= self.beta1 < 1, "strategy.beta1", "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "strategy.beta2", "must be in [0, 1)")
+        _check(self.tau > 0, "strategy.tau", "must be > 0")
+        _check(0 <= self.trim_ratio < 0.5, "strategy.trim_ratio", "must be in [0, 0.5)")
+        _check(self.clip_norm >= 0, "strategy.clip_norm", "must be >= 0")
+
+
+@dataclass
 class ClientConfig:
     local_epochs: float = opt(1.0, "Local epochs per round (ignored when max_steps > 0).")
     max_steps: int = opt(0, "Optimizer steps per round; 0 = use local_epochs.")
@@ -187,8 +224,17 @@ class LoraConfig:
     alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = opt(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] = opt(["q_proj", "v_proj"], "Module names that get LoRA.")
+    client_ranks: list[int] = opt(
+        [],
+        "Heterogeneous ranks: client c trains rank client_ranks[c % len] (each <= r, e.g. by "
+        "device budget); needs strategy.lora_aggregation='svd'. Empty = every client uses r.",
+    )
 
     def __post_init__(self) -> None:
+        for i, rank in enumerate(self.client_ranks):
+            _check(
+                1 <= rank <= self.r, f"lora.client_ranks[{i}]", f"must be in [1, lora.r={self.r}]"
+            )
         _check(self.r >= 1, "lora.r", "must be >= 1")
         _check(self.alpha >= 1, "lora.alpha", "must be >= 1")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
@@ -218,9 +264,23 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        s = self.strategy
+        if self.lora.client_ranks and s.lora_aggregation != "svd":
+            raise ConfigError(
+                "lora.client_ranks: heterogeneous ranks need strategy.lora_aggregation='svd' "
+                f"(got {s.lora_aggregation!r})"
+            )
+        if s.lora_aggregation == "svd" and s.robust != "mean":
+            raise ConfigError(
+                f"strategy.robust={s.robust!r} works on adapter coordinates; it cannot combine "
+                "with strategy.lora_aggregation='svd' (use 'naive' or 'ffa')"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -74,6 +74,25 @@ def set_adapter(model: Any, state: AdapterState) -> None:
         raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
 
 
+def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    """The model's LoRA parameters under the keys of get_peft_model_state_dict.
+
+    peft names a parameter `<module>.lora_A.<adapter>.weight` and saves it as
+    `<module>.lora_A.weight`; the same rule maps them here, checked against peft's own keys.
+    """
+    name = model.active_adapter
+    params = {n.replace(f".{name}.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    if set(params) != expected:
+        raise ModelError("LoRA parameters do not match the adapter state keys")
+    return params
+
+
+def module_of(key: str) -> str:
+    """`<module>.lora_A.weight` -> `<module>`."""
+    return key.rsplit(".lora_", 1)[0]
+
+
 def trainable_names(model: Any) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 

@@ -56,6 +56,7 @@ def check_names(cfg: Config) -> None:
     for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown name {name!r}; known: {', '.join(registry.names())}")
+    build_strategy(cfg, max(cfg.partition.num_clients, 1))  # option conflicts surface now
 
 
 class Federation:
@@ -76,7 +77,7 @@ class Federation:
         self.tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
         self.model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
         self.global_state: AdapterState = get_adapter(self.model)
-        self.strategy = build_strategy(cfg)
+        self.strategy = build_strategy(cfg, self.num_clients)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._examples: dict[int, list[Example]] = {}
         test, dropped = self._tokenize(self.partition.test)
@@ -139,6 +140,7 @@ class Federation:
             seed=derive_seed(self.cfg.seed, "client", rnd, client),
             pad_token_id=self.pad_id,
             on_step=on_step,
+            plan=self.strategy.client_plan(client, self.global_state),
         )
 
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -154,9 +156,15 @@ class Federation:
             "clients": chosen,
             "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
             "client_metrics": [
-                {"client": u.client_id, "examples": u.num_examples, **u.metrics} for u in updates
+                {
+                    "client": u.client_id,
+                    "examples": u.num_examples,
+                    "bytes_up": state_bytes(u.state),
+                    **u.metrics,
+                }
+                for u in updates
             ],
-            "bytes_up_per_client": state_bytes(updates[0].state),
+            "bytes_up_per_client": sum(state_bytes(u.state) for u in updates) / len(updates),
             "bytes_down_per_client": state_bytes(self.global_state),
             "time": {"train": t1 - t0, "aggregate": t2 - t1},
         }
@@ -264,7 +272,14 @@ def run_federation(
                 fed.model,
                 fed.global_state,
                 fed.strategy.state_dict(),
-                {"seed": cfg.seed, "config": cfg.to_dict(), "fedit_version": __version__},
+                {
+                    "seed": cfg.seed,
+                    # Every generator is derived from (seed, purpose, round, client), so the
+                    # round number is the whole RNG state needed to continue.
+                    "rng": "derived: seed, purpose, round, client",
+                    "config": cfg.to_dict(),
+                    "fedit_version": __version__,
+                },
             )
             row["time"]["checkpoint"] = time.perf_counter() - t
         row["seconds"] = time.perf_counter() - t0

@@ -1,6 +1,28 @@
 """Aggregation strategies: pure tensor math over adapter states, cross-round state explicit."""
 
-from fedit.strategies.base import STRATEGIES, Strategy, build_strategy
-from fedit.strategies.fedavg import FedAvg, weighted_average
+from fedit.strategies import fedavg, scaffold, serveropt
+from fedit.strategies.aggregate import (
+    coordinate_median,
+    fold_svd,
+    stack_factors,
+    svd_average,
+    trimmed_mean,
+    weighted_average,
+)
+from fedit.strategies.base import STRATEGIES, FedAvg, Strategy, build_strategy
 
-__all__ = ["STRATEGIES", "FedAvg", "Strategy", "build_strategy", "weighted_average"]
+__all__ = [
+    "STRATEGIES",
+    "FedAvg",
+    "Strategy",
+    "build_strategy",
+    "coordinate_median",
+    "fedavg",
+    "fold_svd",
+    "scaffold",
+    "serveropt",
+    "stack_factors",
+    "svd_average",
+    "trimmed_mean",
+    "weighted_average",
+]

@@ -1,57 +1,49 @@
-"""FedAvg weighted by client example counts: the paper's FedIT aggregation."""
+"""FedAvg (FedIT), FedProx and FedNova."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
-from fedit.client import Update
+from fedit.client import ClientPlan, Update
 from fedit.config import Config
 from fedit.lora import AdapterState
-from fedit.strategies.base import STRATEGIES
+from fedit.strategies.base import STRATEGIES, FedAvg
 
 
-def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
-    """sum_i w_i * state_i / sum_i w_i, key by key; accumulated in float64."""
-    if not states:
-        raise ValueError("nothing to average: no client updates")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    keys = states[0].keys()
-    for s in states[1:]:
-        if s.keys() != keys:
-            raise ValueError("client updates have different adapter keys")
-    out: AdapterState = {}
-    for k in keys:
-        acc = torch.zeros_like(states[0][k], dtype=torch.float64)
-        for s, w in zip(states, weights, strict=True):
-            acc += s[k].to(torch.float64) * (w / total)
-        out[k] = acc.to(states[0][k].dtype)
-    return out
+class FedProx(FedAvg):
+    """FedAvg whose clients add mu/2 * ||w - w_global||^2 over the LoRA weights to their loss."""
+
+    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+        return replace(super().client_plan(client_id, global_state), prox_mu=self.s.prox_mu)
 
 
-class FedAvg:
-    """The new global adapter is the example-weighted mean of the client adapters.
+class FedNova(FedAvg):
+    """Normalized averaging (Wang et al. 2020): each client's change is divided by its number of
+    local steps tau_i, the average is rescaled by tau_eff = sum_i p_i tau_i, so clients that ran
+    more steps do not pull the model further than their data weight."""
 
-    A and B are averaged separately, as in FedIT and Shepherd.
-    """
-
-    def __init__(self, cfg: Config | None = None) -> None:
-        pass
+    def __init__(self, cfg: Config, num_clients: int) -> None:
+        super().__init__(cfg, num_clients)
+        self._factor_space_only("fednova")
+        self._mean_only("fednova")
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
-        return weighted_average([u.state for u in updates], [u.num_examples for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"FedAvg keeps no state, got keys {sorted(state)[:3]}")
+        states = self.clipped(global_state, updates)
+        total = float(sum(u.num_examples for u in updates))
+        p = [u.num_examples / total for u in updates]
+        tau_eff = sum(pi * u.num_steps for pi, u in zip(p, updates, strict=True))
+        out: AdapterState = {}
+        for k, x in global_state.items():
+            d = torch.zeros_like(x, dtype=torch.float64)
+            for pi, u, s in zip(p, updates, states, strict=True):
+                d += (x.double() - s[k].double()) * (pi / u.num_steps)
+            out[k] = (x.double() - self.s.server_lr * tau_eff * d).to(x.dtype)
+        return out
 
 
 STRATEGIES.register("fedavg")(FedAvg)
+STRATEGIES.register("fedprox")(FedProx)
+STRATEGIES.register("fednova")(FedNova)
