@@ -29,7 +29,12 @@ def part(method: str, seed: int = 1, n: int = 5, **kw: object):  # type: ignore[
         Path("unused"),
         seed=seed,
         data={"test_per_category": 3},
-        partition={"method": method, "num_clients": 0 if method == "natural" else n, **kw},
+        partition={
+            "method": method,
+            "num_clients": 0 if method == "natural" else n,
+            "min_client_size": 4,
+            **kw,
+        },
     )
     return make_partition(records(), cfg)
 
@@ -136,3 +141,10 @@ def test_write_partition(tmp_path: Path) -> None:
     assert read_canonical(files[0]) == p.clients[0]
     assert read_canonical(tmp_path / "test.jsonl") == p.test
     assert (tmp_path / "stats.json").is_file()
+
+
+def test_clients_smaller_than_a_batch_are_refused_or_topped_up() -> None:
+    with pytest.raises(PartitionError, match=r"client.batch_size=4.*partition.min_client_size"):
+        part("quantity", n=20, alpha=0.05, min_client_size=1)
+    p = part("dirichlet", n=20, alpha=0.05, min_client_size=4)
+    assert min(len(c) for c in p.clients) >= 4

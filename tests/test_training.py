@@ -15,8 +15,8 @@ def one_client_cfg(data_file: Path, **client: object):  # type: ignore[no-untype
         federation={"rounds": 1, "clients_per_round": 1},
         client={
             "max_steps": 3,
-            "batch_size": 64,
-            "micro_batch_size": 64,
+            "batch_size": 40,  # the whole client: full-batch steps
+            "micro_batch_size": 40,
             "group_by_length": False,
             "lr_scheduler": "constant",
             "max_grad_norm": 0.0,
@@ -35,7 +35,7 @@ def test_one_client_equals_plain_local_training(data_file: Path) -> None:
     model = fed.model
     set_adapter(model, fed.global_state)
     examples = fed.client_examples(0)
-    assert len(examples) <= 64
+    assert len(examples) <= 40
     width = max(len(e.input_ids) for e in examples)
     ids = torch.tensor([e.input_ids + [fed.pad_id] * (width - len(e.input_ids)) for e in examples])
     labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples])

@@ -11,7 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +63,34 @@ def save_checkpoint(
     adapter: AdapterState,
     strategy_state: dict[str, torch.Tensor],
     run_state: dict[str, Any],
+    on_written: Callable[[], None] | None = None,
+) -> Path:
+    """Write round `rnd` under a temporary name, then rename it into place.
+
+    A failure (disk full, a kill) leaves earlier rounds untouched and no `round_NNNN` folder
+    for this one. `on_written` runs after the files are written, before the rename.
+    """
+    final = round_dir(root, rnd)
+    try:
+        return _save(root, final, rnd, model, adapter, strategy_state, run_state, on_written)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write the checkpoint of round {rnd} to {final}: {e}; "
+            f"the checkpoints of earlier rounds in {root} are intact"
+        ) from e
+
+
+def _save(
+    root: Path,
+    final: Path,
+    rnd: int,
+    model: Any,
+    adapter: AdapterState,
+    strategy_state: dict[str, torch.Tensor],
+    run_state: dict[str, Any],
+    on_written: Callable[[], None] | None,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    final = round_dir(root, rnd)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         write_adapter_files(model, adapter, tmp)
@@ -75,12 +104,30 @@ def save_checkpoint(
             json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        if on_written is not None:
+            on_written()
         if final.exists():  # a re-run of this round after a resume replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends, so Ctrl-C never cuts a checkpoint short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:

@@ -47,6 +47,9 @@ class ModelConfig:
         "float32", "Weights dtype of the frozen base model (fp32 is fastest on CPU)."
     )
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default.")
+    check_memory: bool = opt(
+        True, "Refuse up front a run whose estimated peak memory exceeds what is available."
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
@@ -108,12 +111,16 @@ class PartitionConfig:
         0.5, "Dirichlet concentration for 'dirichlet' (categories) and 'quantity' (sizes)."
     )
     shards_per_client: int = opt(2, "Shards per client for 'shards' (Shepherd uses 2).")
+    min_client_size: int = opt(
+        1, "'dirichlet' and 'quantity' move records from the largest clients up to this size."
+    )
     natural_field: str = opt("user", "Record role that defines clients for 'natural'.")
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 0, "partition.num_clients", "must be >= 0")
         _check(self.alpha > 0, "partition.alpha", "must be > 0")
         _check(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1")
+        _check(self.min_client_size >= 1, "partition.min_client_size", "must be >= 1")
         _check(
             self.natural_field in {"user", "category"},
             "partition.natural_field",
@@ -129,9 +136,19 @@ class FederationConfig:
     )
     strategy: str = opt("fedavg", "Aggregation strategy (registered name).")
     selection: str = opt("uniform", "Client-selection rule (registered name).")
+    min_clients: int = opt(
+        1, "A round needs at least this many valid updates, or it fails (global adapter kept)."
+    )
+    max_norm_ratio: float = opt(
+        10.0,
+        "Reject an update whose norm exceeds this multiple of the median norm of the round's "
+        "other updates; 0 = off.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, "federation.rounds", "must be >= 0")
+        _check(self.min_clients >= 1, "federation.min_clients", "must be >= 1")
+        _check(self.max_norm_ratio >= 0, "federation.max_norm_ratio", "must be >= 0")
         k = self.clients_per_round
         if isinstance(k, float):
             _check(0 < k <= 1, "federation.clients_per_round", "a fraction must be in (0, 1]")
@@ -257,6 +274,52 @@ class EvalConfig:
         _check(self.max_examples >= 0, "eval.max_examples", "must be >= 0")
 
 
+FAULT_KINDS = ("fail", "nan", "huge")
+CRASH_POINTS = ("train", "checkpoint")
+
+
+@dataclass
+class FaultsConfig:
+    inject: list[str] = opt(
+        [],
+        "Injected client faults 'KIND:CLIENT:ROUND' (KIND fail | nan | huge; CLIENT and ROUND a "
+        "number or '*'), to test and demonstrate fault handling.",
+    )
+    crash: str = opt(
+        "",
+        "Kill the run with SIGKILL at 'train:ROUND' (after the round's first client) or "
+        "'checkpoint:ROUND' (mid-write), to test crash recovery.",
+    )
+
+    def __post_init__(self) -> None:
+        for i, spec in enumerate(self.inject):
+            parts = spec.split(":")
+            ok = len(parts) == 3 and parts[0] in FAULT_KINDS
+            ok = ok and all(p == "*" or p.isdigit() for p in parts[1:])
+            _check(
+                ok, f"faults.inject[{i}]", f"expected KIND:CLIENT:ROUND with KIND in {FAULT_KINDS}"
+            )
+        if self.crash:
+            point, _, rnd = self.crash.partition(":")
+            _check(
+                point in CRASH_POINTS and rnd.isdigit(),
+                "faults.crash",
+                f"expected POINT:ROUND with POINT in {CRASH_POINTS}",
+            )
+
+    def injected(self, client: int, rnd: int) -> list[str]:
+        """The fault kinds injected for this client in this round."""
+        kinds = []
+        for spec in self.inject:
+            kind, c, r = spec.split(":")
+            if c in ("*", str(client)) and r in ("*", str(rnd)):
+                kinds.append(kind)
+        return kinds
+
+    def crashes_at(self, point: str, rnd: int) -> bool:
+        return self.crash == f"{point}:{rnd}"
+
+
 @dataclass
 class Config:
     seed: int = opt(42, "Run seed; every random choice derives from it and the round.")
@@ -268,6 +331,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         s = self.strategy

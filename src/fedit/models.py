@@ -102,12 +102,12 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
-    """A 2-layer random Llama sized for tests; the same seed gives the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(vocab_size: int = 1024) -> Any:
+    """The architecture of the tiny test model: 2 layers, hidden 64."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -115,10 +115,17 @@ def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
+    """A 2-layer random Llama sized for tests; the same seed gives the same weights."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(len(tokenizer))
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
@@ -179,6 +186,19 @@ def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:
         return "hub", cfg.name
     tried.append("the Hugging Face hub (skipped: HF_HUB_OFFLINE is set)")
     raise ModelError(f"model.name {cfg.name!r} resolves nowhere; tried: " + "; ".join(tried))
+
+
+def model_config(cfg: ModelConfig) -> Any:
+    """The architecture config of `model.name`, without loading any weights."""
+    from transformers import AutoConfig
+
+    kind, where = resolve(cfg)
+    if kind == "tiny":
+        return tiny_config()
+    try:
+        return AutoConfig.from_pretrained(where)
+    except OSError as e:
+        raise ModelError(f"model.name {cfg.name!r}: no usable config.json at {where}: {e}") from e
 
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from fedit import __version__
-from fedit.checkpoint import latest_checkpoint, list_rounds, save_checkpoint
+from fedit.checkpoint import interrupts_deferred, latest_checkpoint, list_rounds, save_checkpoint
 from fedit.client import Update, train_local
 from fedit.config import Config, ConfigError, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_partition
 from fedit.data.prompts import TEMPLATES, Example, tokenize_records
 from fedit.data.records import DataError, load_records
+from fedit.errors import FeditError
 from fedit.evaluate.loss import EvalSet, evaluate_loss
+from fedit.faults import RoundError, crash_now, inject, screen
 from fedit.lora import (
     AdapterState,
     attach_lora,
@@ -25,15 +27,16 @@ from fedit.lora import (
     set_adapter,
     state_bytes,
 )
-from fedit.models import load_model
+from fedit.models import load_model, model_config
 from fedit.progress import Progress, summary_table
 from fedit.registry import Registry
+from fedit.resources import check_memory
 from fedit.seeding import derive_seed, generator
 from fedit.selection import SELECTORS
 from fedit.strategies import STRATEGIES, build_strategy
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"federation.rounds"}
+RESUMABLE_CHANGES = {"federation.rounds", "faults.crash"}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Federation:
         self.partition: Partition = make_partition(records, cfg)
         self.num_clients = len(self.partition.clients)
         self.per_round = cfg.federation.clients_this_round(self.num_clients)
+        self.memory = check_memory(model_config(cfg.model), cfg)
         self.tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
         self.model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
         self.global_state: AdapterState = get_adapter(self.model)
@@ -143,10 +147,40 @@ class Federation:
             plan=self.strategy.client_plan(client, self.global_state),
         )
 
+    def collect(self, rnd: int, chosen: list[int]) -> tuple[list[Update], list[dict[str, Any]]]:
+        """Train the chosen clients; a client that fails is recorded, not fatal."""
+        updates, faults = [], []
+        for i, client in enumerate(chosen, 1):
+            kinds = self.cfg.faults.injected(client, rnd)
+            try:
+                if "fail" in kinds:
+                    raise RuntimeError("injected failure")
+                update = self.train_client(rnd, client, f"{i}/{len(chosen)}")
+            except FeditError:
+                raise  # a configuration or data problem, the same for every client
+            except Exception as e:
+                faults.append({"client": client, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            updates.append(inject(update, kinds, self.global_state) if kinds else update)
+            if i == 1 and self.cfg.faults.crashes_at("train", rnd):
+                crash_now()
+        accepted, rejected = screen(updates, self.global_state, self.cfg.federation.max_norm_ratio)
+        faults += rejected
+        for f in faults:
+            self.progress.log(f"round {rnd}: client {f['client']} excluded: {f['reason']}")
+        return accepted, faults
+
     def run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         chosen = self.select(rnd)
-        updates = [self.train_client(rnd, c, f"{i}/{len(chosen)}") for i, c in enumerate(chosen, 1)]
+        updates, faults = self.collect(rnd, chosen)
+        need = self.cfg.federation.min_clients
+        if len(updates) < need:
+            raise RoundError(
+                f"round {rnd}: {len(updates)} valid updates, fewer than federation.min_clients="
+                f"{need}; the global adapter of round {rnd - 1} is kept. Excluded: "
+                + "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
+            )
         t1 = time.perf_counter()
         self.global_state = self.strategy.aggregate(self.global_state, updates)
         t2 = time.perf_counter()
@@ -154,6 +188,8 @@ class Federation:
         return {
             "round": rnd,
             "clients": chosen,
+            "accepted": [u.client_id for u in updates],
+            "faults": faults,
             "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
             "client_metrics": [
                 {
@@ -177,12 +213,24 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _rewrite_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
-    """Keep only rounds <= `upto` (a resumed run re-does later rounds); atomic."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+def _rewrite_metrics(
+    path: Path, upto: int, last: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Keep only rounds <= `upto` (a resumed run re-does later rounds); atomic.
+
+    `last`, the row saved inside round `upto`'s checkpoint, fills in a row that a crash
+    between the checkpoint and the metrics append left out.
+    """
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything after it is redone
     rows = [r for r in rows if r["round"] <= upto]
+    if last is not None and not any(r["round"] == upto for r in rows):
+        rows.append(last)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
@@ -246,7 +294,7 @@ def run_federation(
             fed.global_state = ckpt.adapter
             fed.strategy.load_state_dict(ckpt.strategy_state)
             start = ckpt.round + 1
-            history = _rewrite_metrics(metrics_path, ckpt.round)
+            history = _rewrite_metrics(metrics_path, ckpt.round, ckpt.run_state.get("metrics"))
             progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
         else:
             _rewrite_metrics(metrics_path, -1)
@@ -264,28 +312,30 @@ def run_federation(
             t = time.perf_counter()
             row["eval"] = fed.evaluate()
             row["time"]["eval"] = time.perf_counter() - t
-        if out and ckpt_root:
-            t = time.perf_counter()
-            save_checkpoint(
-                ckpt_root,
-                rnd,
-                fed.model,
-                fed.global_state,
-                fed.strategy.state_dict(),
-                {
-                    "seed": cfg.seed,
-                    # Every generator is derived from (seed, purpose, round, client), so the
-                    # round number is the whole RNG state needed to continue.
-                    "rng": "derived: seed, purpose, round, client",
-                    "config": cfg.to_dict(),
-                    "fedit_version": __version__,
-                },
-            )
-            row["time"]["checkpoint"] = time.perf_counter() - t
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        if metrics_path:
-            _append_jsonl(metrics_path, row)
+        if out and ckpt_root and metrics_path:
+            t = time.perf_counter()
+            with interrupts_deferred():  # Ctrl-C lets the round's files finish first
+                save_checkpoint(
+                    ckpt_root,
+                    rnd,
+                    fed.model,
+                    fed.global_state,
+                    fed.strategy.state_dict(),
+                    {
+                        "seed": cfg.seed,
+                        # Every generator derives from (seed, purpose, round, client): the round
+                        # number is the whole RNG state needed to continue.
+                        "rng": "derived: seed, purpose, round, client",
+                        "config": cfg.to_dict(),
+                        "fedit_version": __version__,
+                        "metrics": row,
+                    },
+                    on_written=crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None,
+                )
+                _append_jsonl(metrics_path, row)
+            row["time"]["checkpoint"] = time.perf_counter() - t
         ev = row.get("eval")
         progress.log(
             f"round {rnd}/{rounds} done: clients {row['clients']} train loss "

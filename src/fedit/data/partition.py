@@ -90,16 +90,15 @@ def shards(
     ]
 
 
-def _fill_empty(parts: list[list[int]]) -> int:
-    """Give every empty client one record from the largest client; returns how many moved."""
-    moved = 0
-    for c, part in enumerate(parts):
-        if not part:
+def _fill_small(parts: list[list[int]], min_size: int) -> None:
+    """Top every client up to `min_size` records, one at a time from the largest client.
+
+    Terminates whenever there are at least len(parts) * min_size records in all.
+    """
+    for part in parts:
+        while len(part) < min_size:
             donor = max(range(len(parts)), key=lambda j: (len(parts[j]), -j))
             part.append(parts[donor].pop())
-            parts[c] = part
-            moved += 1
-    return moved
 
 
 @PARTITIONERS.register("dirichlet")
@@ -108,11 +107,11 @@ def dirichlet(
 ) -> list[list[int]]:
     """Per category, client shares drawn from Dirichlet(alpha); small alpha = strong skew.
 
-    One draw per category, so it always terminates; a client left empty receives one record
-    from the largest client (counted in the stats as `repaired`).
+    One draw per category, so it always terminates; a client left below `min_client_size`
+    is topped up from the largest client.
     """
     k = cfg.num_clients
-    _need(len(records), k, "records")
+    _need(len(records), k * cfg.min_client_size, "records (num_clients x min_client_size)")
     by_cat: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_cat.setdefault(r.category, []).append(i)
@@ -123,7 +122,7 @@ def dirichlet(
         cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
         for c, piece in enumerate(np.split(idx, cuts)):
             parts[c].extend(int(i) for i in piece)
-    _fill_empty(parts)
+    _fill_small(parts, cfg.min_client_size)
     return [sorted(p) for p in parts]
 
 
@@ -131,10 +130,10 @@ def dirichlet(
 def quantity(
     records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
 ) -> list[list[int]]:
-    """IID content, client sizes drawn from Dirichlet(alpha) (at least one record each)."""
-    k = cfg.num_clients
-    _need(len(records), k, "records")
-    sizes = 1 + rng.multinomial(len(records) - k, rng.dirichlet(np.full(k, cfg.alpha)))
+    """IID content, client sizes drawn from Dirichlet(alpha) (at least min_client_size each)."""
+    k, floor = cfg.num_clients, cfg.min_client_size
+    _need(len(records), k * floor, "records (num_clients x min_client_size)")
+    sizes = floor + rng.multinomial(len(records) - k * floor, rng.dirichlet(np.full(k, cfg.alpha)))
     perm = rng.permutation(len(records))
     return [sorted(p.tolist()) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
@@ -228,6 +227,14 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
                 f"partition.method={cfg.partition.method!r} left client {c} empty; "
                 "use fewer clients or another method"
             )
+    small = [(c, len(r)) for c, r in enumerate(clients) if len(r) < cfg.client.batch_size]
+    if small:
+        listed = ", ".join(f"client {c}: {n}" for c, n in small[:5])
+        raise PartitionError(
+            f"{len(small)} clients hold fewer records than client.batch_size="
+            f"{cfg.client.batch_size} (one optimizer step): {listed}; raise "
+            "partition.min_client_size, use fewer clients or a smaller batch"
+        )
     test = [records[i] for i in test_idx]
     return Partition(clients=clients, test=test, stats=partition_stats(clients, test))
 

@@ -151,6 +151,12 @@ def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Reco
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     spec = {**FORMATS[fmt], **fields}
+    for role in ("category", "user"):  # a field the user named must be there
+        if role in fields and fields[role] not in obj:
+            raise DataError(
+                f"{where}: no field {fields[role]!r} (data.fields.{role}); "
+                f"the record has {sorted(obj)}"
+            )
     category = _text(obj, spec["category"], where, False).strip() or UNKNOWN_CATEGORY
     user = _text(obj, spec["user"], where, False).strip() or None
     if fmt != "chat":
