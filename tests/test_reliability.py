@@ -106,10 +106,11 @@ def test_kill_9_then_resume_equals_uninterrupted(
     proc = run_cli([str(cfg), "--out", str(out), "--quiet", "--set", f"faults.crash={point}"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-1000:]
     rounds = list_rounds(out / "checkpoints")
-    assert rounds == list(range(1, int(point[-1])))  # the killed round left no folder
+    assert rounds == list(range(1, int(point[-1])))  # the killed round left no round folder
     assert not (out / "adapter").exists()
     proc = run_cli([str(cfg), "--out", str(out), "--quiet", "--resume"])
     assert proc.returncode == 0, proc.stderr[-1000:]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     got = load_adapter_state(out / "adapter")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     rows = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]

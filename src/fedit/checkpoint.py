@@ -148,6 +148,17 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     return Checkpoint(int(state["round"]), folder, adapter, strategy_state, state)
 
 
+def remove_partial(root: Path) -> list[str]:
+    """Delete the temporary folders of checkpoints that a crash cut short."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(f".{PREFIX}"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return sorted(removed)
+
+
 def list_rounds(root: Path) -> list[int]:
     if not root.is_dir():
         return []

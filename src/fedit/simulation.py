@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from fedit import __version__
-from fedit.checkpoint import interrupts_deferred, latest_checkpoint, list_rounds, save_checkpoint
+from fedit.checkpoint import (
+    interrupts_deferred,
+    latest_checkpoint,
+    list_rounds,
+    remove_partial,
+    save_checkpoint,
+)
 from fedit.client import Update, train_local
 from fedit.config import Config, ConfigError, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_partition
@@ -269,6 +275,8 @@ def run_federation(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
         if resume:
+            for name in remove_partial(ckpt_root):
+                progress.log(f"removed {name}, a checkpoint a crash cut short")
             ckpt, problems = latest_checkpoint(ckpt_root)
             for p in problems:
                 progress.log(f"skipping damaged checkpoint: {p}")
