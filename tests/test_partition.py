@@ -148,3 +148,16 @@ def test_clients_smaller_than_a_batch_are_refused_or_topped_up() -> None:
         part("quantity", n=20, alpha=0.05, min_client_size=1)
     p = part("dirichlet", n=20, alpha=0.05, min_client_size=4)
     assert min(len(c) for c in p.clients) >= 4
+
+
+def test_a_partitioner_that_leaves_a_client_empty_is_named() -> None:
+    @PARTITIONERS.register("test-leaves-one-empty", replace=True)
+    def leaves_one_empty(
+        records: list[Record], cfg: PartitionConfig, rng: np.random.Generator
+    ) -> list[list[int]]:
+        return [list(range(len(records))), []]
+
+    with pytest.raises(
+        PartitionError, match=r"partition.method='test-leaves-one-empty' left client 1 empty"
+    ):
+        part("test-leaves-one-empty", n=2)
