@@ -160,15 +160,17 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(
 
 
 def test_memory_guard_refuses_up_front(data_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fedit.resources, "available_memory", lambda: 256 * 1024**2)
+    monkeypatch.setattr(fedit.resources, "available_memory", lambda device=None: 256 * 1024**2)
 
     def no_loading(*args: object, **kw: object) -> None:
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr("fedit.simulation.load_model", no_loading)
-    with pytest.raises(ResourceError, match=r"estimated peak memory .* exceeds the 0.2 GiB"):
+    with pytest.raises(
+        ResourceError, match=r"estimated peak memory .* exceeds the 0.2 GiB available on cpu"
+    ):
         Federation(tiny_config(data_file))
     huge = tiny_config(data_file, data={"cutoff_len": 65536})
-    monkeypatch.setattr(fedit.resources, "available_memory", lambda: 16 * 1024**3)
+    monkeypatch.setattr(fedit.resources, "available_memory", lambda device=None: 16 * 1024**3)
     with pytest.raises(ResourceError, match="client.micro_batch_size"):
         Federation(huge)

@@ -78,8 +78,15 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example (summed next-token loss, number of target tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Per-example (summed next-token loss, number of target tokens), on the model's device.
+
+    A model given a `fedit_autocast` dtype (set by the engine on a GPU) runs under autocast.
+    """
+    device = model.device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    dtype = getattr(model, "fedit_autocast", None)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"

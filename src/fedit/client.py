@@ -184,6 +184,8 @@ def _adjust_gradients(
     masks: dict[str, torch.Tensor],
 ) -> None:
     """Strategy terms on the accumulated gradients, before clipping and the optimizer step."""
+    if not (plan.prox_mu or plan.correction is not None or masks):
+        return
     with torch.no_grad():
         for k, p in params.items():
             if p.grad is None:
@@ -191,6 +193,6 @@ def _adjust_gradients(
             if plan.prox_mu:  # gradient of mu/2 * ||w - w_global||^2
                 p.grad.add_(p.detach() - anchor[k], alpha=plan.prox_mu)
             if plan.correction is not None:
-                p.grad.add_(plan.correction[k])
+                p.grad.add_(plan.correction[k].to(p.device))
             if k in masks:
                 p.grad.mul_(masks[k])

@@ -47,6 +47,12 @@ class ModelConfig:
         "float32", "Weights dtype of the frozen base model (fp32 is fastest on CPU)."
     )
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default.")
+    device: str = opt(
+        "auto", "Where to train: 'auto' (the GPU if there is one), 'cpu', 'cuda', 'cuda:N'."
+    )
+    autocast: Literal["auto", "off", "bf16"] = opt(
+        "auto", "Mixed precision: 'auto' = bf16 autocast on a GPU, off on CPU (slower there)."
+    )
     check_memory: bool = opt(
         True, "Refuse up front a run whose estimated peak memory exceeds what is available."
     )
@@ -54,6 +60,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
         _check(self.threads >= 0, "model.threads", "must be >= 0")
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "model.device",
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,11 @@ def attach_lora(model: Any, cfg: LoraSettings, seed: int, base_name: str) -> Any
 def get_adapter(model: Any) -> AdapterState:
     """A detached copy of the adapter's tensors."""
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
-    return {k: v.detach().clone() for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def set_adapter(model: Any, state: AdapterState) -> None:
-    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    expected = adapter_parameters(model)
     if set(expected) != set(state):
         extra = sorted(set(state) - set(expected))[:3]
         lacking = sorted(set(expected) - set(state))[:3]
@@ -74,17 +75,25 @@ def set_adapter(model: Any, state: AdapterState) -> None:
         raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
 
 
+_PARAMS: weakref.WeakKeyDictionary[Any, dict[str, torch.nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
 def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """The model's LoRA parameters under the keys of get_peft_model_state_dict.
 
     peft names a parameter `<module>.lora_A.<adapter>.weight` and saves it as
-    `<module>.lora_A.weight`; the same rule maps them here, checked against peft's own keys.
+    `<module>.lora_A.weight`; the same rule maps them here, checked against peft's own keys
+    once per model (the mapping is then reused: it is asked for every client and round).
     """
+    cached = _PARAMS.get(model)
+    if cached is not None:
+        return cached
     name = model.active_adapter
     params = {n.replace(f".{name}.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(params) != expected:
         raise ModelError("LoRA parameters do not match the adapter state keys")
+    _PARAMS[model] = params
     return params
 
 

@@ -229,6 +229,22 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     return tok, model
 
 
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device={cfg.device!r}: torch sees no CUDA device here")
+    return device
+
+
+def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU; on CPU bf16 runs slower than fp32, so never by default."""
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def module_names(model: Any) -> list[str]:
     """Distinct leaf names of the model's Linear modules (what LoRA can target)."""
     return sorted(

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from fedit.config import Config
 from fedit.errors import FeditError
 
@@ -36,8 +38,12 @@ class MemoryEstimate:
         )
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, else physical memory; None if unknown."""
+def available_memory(device: torch.device | None = None) -> int | None:
+    """Free memory of a CUDA device, else MemAvailable from /proc/meminfo, else physical
+    memory; None if unknown."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -77,13 +83,16 @@ def estimate_memory(model_config: Any, cfg: Config) -> MemoryEstimate:
     return MemoryEstimate(weights, activations, logits)
 
 
-def check_memory(model_config: Any, cfg: Config) -> MemoryEstimate:
+def check_memory(
+    model_config: Any, cfg: Config, device: torch.device | None = None
+) -> MemoryEstimate:
     est = estimate_memory(model_config, cfg)
-    avail = available_memory()
+    avail = available_memory(device)
+    where = f" on {device}" if device is not None else ""
     if cfg.model.check_memory and avail is not None and est.total > avail:
         raise ResourceError(
             f"estimated peak memory {est.describe()} exceeds the {avail / GiB:.1f} GiB "
-            f"available; lower client.micro_batch_size / eval.micro_batch_size "
+            f"available{where}; lower client.micro_batch_size / eval.micro_batch_size "
             f"(now {cfg.client.micro_batch_size} / {cfg.eval.micro_batch_size}) or "
             f"data.cutoff_len (now {cfg.data.cutoff_len}), or pick a smaller model.name; "
             "model.check_memory=false skips this check"

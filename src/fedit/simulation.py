@@ -33,7 +33,7 @@ from fedit.lora import (
     set_adapter,
     state_bytes,
 )
-from fedit.models import load_model, model_config
+from fedit.models import autocast_dtype, load_model, model_config, pick_device
 from fedit.progress import Progress, summary_table
 from fedit.registry import Registry
 from fedit.resources import check_memory
@@ -83,9 +83,13 @@ class Federation:
         self.partition: Partition = make_partition(records, cfg)
         self.num_clients = len(self.partition.clients)
         self.per_round = cfg.federation.clients_this_round(self.num_clients)
-        self.memory = check_memory(model_config(cfg.model), cfg)
+        self.device = pick_device(cfg.model)
+        self.memory = check_memory(model_config(cfg.model), cfg, self.device)
         self.tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
+        # LoRA is initialized on the CPU, so the same seed gives the same adapter on any device.
         self.model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
+        self.model.to(self.device)
+        self.model.fedit_autocast = autocast_dtype(cfg.model, self.device)
         self.global_state: AdapterState = get_adapter(self.model)
         self.strategy = build_strategy(cfg, self.num_clients)
         self.pad_id = int(self.tokenizer.pad_token_id)

@@ -1,0 +1,215 @@
+"""Performance figures of one fedit round, printed as a table and written as JSON.
+
+    python benchmarks/perf.py CONFIG [--set KEY=VALUE ...] [--json OUT.json]
+    python benchmarks/perf.py CONFIG --server-memory 10,1000 [--set ...]
+
+Measured in one process, on the same examples and batches:
+- the fp32 matmul peak of this machine (2048 x 2048, median of 5);
+- one fedit round (the sampled clients train in turn, then aggregation), and the floor: plain
+  centralized LoRA training over exactly the same micro-batches and optimizer steps with one
+  AdamW, no adapter swaps; federation overhead = fedit / floor;
+- throughput in real (non-padding) tokens/s, padding efficiency (real / computed tokens), and
+  MFU = (4 x matmul parameters + 12 x layers x seq x hidden) x tokens/s / peak, counting only
+  real tokens: forward 2N, backward to the activations 2N, the frozen weights get no gradient;
+- a time breakdown (tokenization once per client, training, aggregation, evaluation,
+  checkpoint), bytes per client per round, and the peak RSS of the process.
+With --server-memory, each partition size runs in its own process (one round, then its RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedit.batching import collate, token_losses, training_plan
+from fedit.checkpoint import save_checkpoint
+from fedit.config import load_config
+from fedit.lora import set_adapter, state_bytes
+from fedit.seeding import derive_seed, generator
+from fedit.simulation import Federation
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        rates.append(2 * n**3 * 10 / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters that take part in a matmul per token (the LM head included, LoRA excluded)."""
+    base = model.get_base_model()
+    n = sum(
+        m.weight.numel()
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
+    return int(n)
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def plain_training(fed: Federation, clients: list[int], rnd: int) -> tuple[float, int]:
+    """The floor: the same batches through one optimizer, no federation around them."""
+    cfg = fed.cfg.client
+    set_adapter(fed.model, fed.global_state)
+    params = [p for p in fed.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = []
+    for c in clients:
+        examples = fed.client_examples(c)
+        seed = derive_seed(fed.cfg.seed, "client", rnd, c)
+        schedule = training_plan(
+            [len(e.input_ids) for e in examples],
+            cfg.batch_size,
+            cfg.micro_batch_size,
+            cfg.group_by_length,
+            cfg.local_epochs,
+            cfg.max_steps,
+            generator(seed, "batches"),
+        )
+        batches += [[[examples[i] for i in mb] for mb in step] for step in schedule]
+    fed.model.train()
+    tokens = 0
+    start = time.perf_counter()
+    for step in batches:
+        n_targets = sum(e.num_target_tokens for mb in step for e in mb)
+        for mb in step:
+            batch = collate(mb, fed.pad_id)
+            losses, _ = token_losses(fed.model, batch)
+            (losses.sum() / n_targets).backward()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    fed.model.eval()
+    return seconds, tokens
+
+
+def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
+    cfg = load_config(config, overrides)
+    peak = matmul_peak()
+    t = time.perf_counter()
+    fed = Federation(cfg)
+    setup = time.perf_counter() - t
+    rnd = 1
+    clients = fed.select(rnd)
+    t = time.perf_counter()
+    for c in clients:
+        fed.client_examples(c)
+    tokenize = time.perf_counter() - t
+    start_state = dict(fed.global_state)
+    # Alternate fedit and the floor, each from the same start, so warm-up and drift hit both.
+    fedit_times, floor_times = [], []
+    for _ in range(repeats):
+        fed.global_state = start_state
+        row = fed.run_round(rnd)
+        fedit_times.append(row["time"]["train"])
+        end_state = fed.global_state
+        fed.global_state = start_state
+        floor_seconds, floor_tokens = plain_training(fed, clients, rnd)
+        floor_times.append(floor_seconds)
+    fed.global_state = end_state
+    fedit_train = statistics.median(fedit_times)
+    floor_seconds = statistics.median(floor_times)
+    aggregate = row["time"]["aggregate"]
+    t = time.perf_counter()
+    fed.evaluate()
+    evaluate = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        save_checkpoint(Path(tmp), rnd, fed.model, fed.global_state, {}, {"round": rnd})
+        checkpoint = time.perf_counter() - t
+    cm = row["client_metrics"]
+    real = sum(c["real_tokens"] for c in cm)
+    computed = sum(c["real_tokens"] / c["padding_efficiency"] for c in cm)
+    mcfg = fed.model.get_base_model().config
+    seq = computed / sum(c["steps"] for c in cm) / cfg.client.batch_size
+    flops_per_token = 4 * matmul_params(fed.model) + 12 * mcfg.num_hidden_layers * seq * mcfg.hidden_size
+    tokens_per_s = real / fedit_train
+    return {
+        "model": cfg.model.name,
+        "clients_per_round": len(clients),
+        "steps_per_client": cfg.client.max_steps,
+        "micro_batch": cfg.client.micro_batch_size,
+        "peak_gflops": peak / 1e9,
+        "setup_s": setup,
+        "tokenize_s": tokenize,
+        "repeats": repeats,
+        "fedit_round_train_s": fedit_train,
+        "floor_train_s": floor_seconds,
+        "federation_overhead": fedit_train / floor_seconds,
+        "federation_overhead_with_aggregation": (fedit_train + aggregate) / floor_seconds,
+        "same_tokens": floor_tokens == real,
+        "real_tokens": real,
+        "tokens_per_s": tokens_per_s,
+        "padding_efficiency": real / computed,
+        "mfu": flops_per_token * tokens_per_s / peak,
+        "aggregate_s": aggregate,
+        "eval_s": evaluate,
+        "eval_examples": len(fed.eval_set.examples),
+        "checkpoint_s": checkpoint,
+        "bytes_per_client_per_round": state_bytes(fed.global_state),
+        "peak_rss_gib": rss_gib(),
+    }
+
+
+def server_memory(config: str, overrides: list[str], sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        code = (
+            "import json,sys; sys.path.insert(0, 'benchmarks'); import perf; "
+            "from fedit.config import load_config; from fedit.simulation import Federation; "
+            f"cfg = load_config({config!r}, {[*overrides, f'partition.num_clients={n}']!r}); "
+            "fed = Federation(cfg); fed.run_round(1); "
+            "print(json.dumps({'num_clients': fed.num_clients, 'peak_rss_gib': perf.rss_gib()}))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating fedit / floor runs")
+    ap.add_argument("--server-memory", default="", help="comma-separated partition sizes")
+    args = ap.parse_args()
+    if args.server_memory:
+        sizes = [int(s) for s in args.server_memory.split(",")]
+        result: Any = server_memory(args.config, args.overrides, sizes)
+        for r in result:
+            print(f"{r['num_clients']:>6} clients in the partition: peak RSS {r['peak_rss_gib']:.3f} GiB")
+    else:
+        result = measure(args.config, args.overrides, args.repeats)
+        width = max(len(k) for k in result)
+        for k, v in result.items():
+            shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+            print(f"{k:<{width}}  {shown}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
