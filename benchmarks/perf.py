@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from fedit.batching import collate, token_losses, training_plan
+from fedit.batching import collate, token_losses
 from fedit.checkpoint import save_checkpoint
+from fedit.client import client_schedule
 from fedit.config import load_config
 from fedit.lora import set_adapter, state_bytes
-from fedit.seeding import derive_seed, generator
+from fedit.seeding import derive_seed
 from fedit.simulation import Federation
 
 
@@ -76,16 +77,7 @@ def plain_training(fed: Federation, clients: list[int], rnd: int) -> tuple[float
     batches = []
     for c in clients:
         examples = fed.client_examples(c)
-        seed = derive_seed(fed.cfg.seed, "client", rnd, c)
-        schedule = training_plan(
-            [len(e.input_ids) for e in examples],
-            cfg.batch_size,
-            cfg.micro_batch_size,
-            cfg.group_by_length,
-            cfg.local_epochs,
-            cfg.max_steps,
-            generator(seed, "batches"),
-        )
+        schedule = client_schedule(examples, cfg, derive_seed(fed.cfg.seed, "client", rnd, c))
         batches += [[[examples[i] for i in mb] for mb in step] for step in schedule]
     fed.model.train()
     tokens = 0
@@ -144,7 +136,9 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
     computed = sum(c["real_tokens"] / c["padding_efficiency"] for c in cm)
     mcfg = fed.model.get_base_model().config
     seq = computed / sum(c["steps"] for c in cm) / cfg.client.batch_size
-    flops_per_token = 4 * matmul_params(fed.model) + 12 * mcfg.num_hidden_layers * seq * mcfg.hidden_size
+    flops_per_token = (
+        4 * matmul_params(fed.model) + 12 * mcfg.num_hidden_layers * seq * mcfg.hidden_size
+    )
     tokens_per_s = real / fedit_train
     return {
         "model": cfg.model.name,
@@ -183,7 +177,9 @@ def server_memory(config: str, overrides: list[str], sizes: list[int]) -> list[d
             "fed = Federation(cfg); fed.run_round(1); "
             "print(json.dumps({'num_clients': fed.num_clients, 'peak_rss_gib': perf.rss_gib()}))"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -200,7 +196,8 @@ def main() -> None:
         sizes = [int(s) for s in args.server_memory.split(",")]
         result: Any = server_memory(args.config, args.overrides, sizes)
         for r in result:
-            print(f"{r['num_clients']:>6} clients in the partition: peak RSS {r['peak_rss_gib']:.3f} GiB")
+            n, rss = r["num_clients"], r["peak_rss_gib"]
+            print(f"{n:>6} clients in the partition: peak RSS {rss:.3f} GiB")
     else:
         result = measure(args.config, args.overrides, args.repeats)
         width = max(len(k) for k in result)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from fedit.batching import collate, token_losses, training_plan
+from fedit.batching import Plan, collate, token_losses, training_plan
 from fedit.config import ClientConfig
 from fedit.data.prompts import Example
 from fedit.lora import AdapterState, adapter_parameters, get_adapter, set_adapter
@@ -81,15 +81,7 @@ def train_local(
     trained = {k: p for k, p in by_key.items() if k not in frozen}
     params = list(trained.values())
     anchor = {k: p.detach().clone() for k, p in trained.items()} if plan.prox_mu else {}
-    schedule = training_plan(
-        [len(e.input_ids) for e in examples],
-        cfg.batch_size,
-        cfg.micro_batch_size,
-        cfg.group_by_length,
-        cfg.local_epochs,
-        cfg.max_steps,
-        generator(seed, "batches"),
-    )
+    schedule = client_schedule(examples, cfg, seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         _SCHEDULES[cfg.lr_scheduler],
@@ -157,6 +149,19 @@ def train_local(
             "seconds": seconds,
             "tokens_per_s": real_tokens / seconds if seconds > 0 else 0.0,
         },
+    )
+
+
+def client_schedule(examples: Sequence[Example], cfg: ClientConfig, seed: int) -> Plan:
+    """The optimizer steps (micro-batches of example indices) a client runs for `seed`."""
+    return training_plan(
+        [len(e.input_ids) for e in examples],
+        cfg.batch_size,
+        cfg.micro_batch_size,
+        cfg.group_by_length,
+        cfg.local_epochs,
+        cfg.max_steps,
+        generator(seed, "batches"),
     )
 
 
