@@ -5,7 +5,6 @@ peft's get/set_peft_model_state_dict are the only way in and out of the model.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -136,15 +135,6 @@ def load_adapter_state(folder: Path) -> AdapterState:
     if not path.is_file():
         raise ModelError(f"no {ADAPTER_FILE} in {folder}")
     return load_file(str(path))
-
-
-def adapter_base_name(folder: Path) -> str | None:
-    try:
-        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    name = data.get("base_model_name_or_path")
-    return str(name) if name is not None else None
 
 
 def state_bytes(state: AdapterState) -> int:
