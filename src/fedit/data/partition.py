@@ -52,13 +52,13 @@ def split_test(
     return train, sorted(test)
 
 
-def _need(n: int, k: int, what: str) -> None:
-    if k < 1:
+def _need(n: int, clients: int, per_client: int = 1, what: str = "") -> None:
+    if clients < 1:
         raise PartitionError("partition.num_clients: must be >= 1 for this method")
-    if n < k:
+    if n < clients * per_client:
         raise PartitionError(
-            f"partition.num_clients: {k} clients need at least {k} {what}, "
-            f"but only {n} training records remain after the test split"
+            f"partition.num_clients: {clients} clients need at least {clients * per_client} "
+            f"records{what}, but only {n} training records remain after the test split"
         )
 
 
@@ -67,7 +67,7 @@ def iid(
     records: Sequence[Record], cfg: PartitionConfig, rng: np.random.Generator
 ) -> list[list[int]]:
     """Uniformly shuffled, equal-sized clients."""
-    _need(len(records), cfg.num_clients, "records")
+    _need(len(records), cfg.num_clients)
     perm = rng.permutation(len(records))
     return [part.tolist() for part in np.array_split(perm, cfg.num_clients)]
 
@@ -78,7 +78,7 @@ def shards(
 ) -> list[list[int]]:
     """Shepherd's heterogeneous split: sort by category, cut into shards, deal them out."""
     n_shards = cfg.num_clients * cfg.shards_per_client
-    _need(len(records), n_shards, "records (num_clients x shards_per_client)")
+    _need(len(records), cfg.num_clients, cfg.shards_per_client, " (one per shard)")
     perm = rng.permutation(len(records))
     order = sorted(perm.tolist(), key=lambda i: records[i].category)  # stable: random within
     pieces = np.array_split(np.asarray(order), n_shards)
@@ -111,7 +111,7 @@ def dirichlet(
     is topped up from the largest client.
     """
     k = cfg.num_clients
-    _need(len(records), k * cfg.min_client_size, "records (num_clients x min_client_size)")
+    _need(len(records), k, cfg.min_client_size, " (partition.min_client_size each)")
     by_cat: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_cat.setdefault(r.category, []).append(i)
@@ -132,7 +132,7 @@ def quantity(
 ) -> list[list[int]]:
     """IID content, client sizes drawn from Dirichlet(alpha) (at least min_client_size each)."""
     k, floor = cfg.num_clients, cfg.min_client_size
-    _need(len(records), k * floor, "records (num_clients x min_client_size)")
+    _need(len(records), k, floor, " (partition.min_client_size each)")
     sizes = floor + rng.multinomial(len(records) - k * floor, rng.dirichlet(np.full(k, cfg.alpha)))
     perm = rng.permutation(len(records))
     return [sorted(p.tolist()) for p in np.split(perm, np.cumsum(sizes)[:-1])]

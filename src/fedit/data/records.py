@@ -125,7 +125,7 @@ def detect_format(obj: Mapping[str, Any], fields: Mapping[str, str]) -> str:
     for name in ("chat", "dolly", "alpaca"):
         spec = {**FORMATS[name], **fields}
         need = ["messages"] if name == "chat" else ["instruction", "output"]
-        if all(spec[r] in keys for r in need) and (name != "dolly" or spec["input"] in keys):
+        if all(spec[r] in keys for r in need):
             return name
     raise DataError(
         f"cannot tell the record format from keys {sorted(keys)}; set data.format "
