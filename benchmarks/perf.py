@@ -158,6 +158,8 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
         "tokens_per_s": tokens_per_s,
         "padding_efficiency": real / computed,
         "mfu": flops_per_token * tokens_per_s / peak,
+        "adapter_load_and_setup_s": sum(c["setup_seconds"] for c in cm),
+        "batching_s": sum(c["collate_seconds"] for c in cm),
         "aggregate_s": aggregate,
         "eval_s": evaluate,
         "eval_examples": len(fed.eval_set.examples),

@@ -117,3 +117,15 @@ def test_training_lowers_held_out_loss(data_file: Path) -> None:
     assert set(history[0]["eval"]["per_category"]) == {
         "open_qa", "brainstorming", "summarization", "classification"
     }  # fmt: skip
+
+
+def test_parallel_workers_match_training_in_turn(data_file: Path) -> None:
+    """Clients trained in a pool of processes give the adapter of training them in turn."""
+    cfg = tiny_config(data_file, federation={"clients_per_round": 3, "workers": 1})
+    alone = run_federation(cfg)
+    pooled = run_federation(
+        tiny_config(data_file, federation={"clients_per_round": 3, "workers": 2})
+    )
+    assert [h["clients"] for h in pooled.history] == [h["clients"] for h in alone.history]
+    for k in alone.adapter:
+        assert torch.allclose(alone.adapter[k], pooled.adapter[k], atol=1e-5), k

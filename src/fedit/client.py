@@ -69,6 +69,7 @@ def train_local(
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     plan = plan or ClientPlan()
+    t_setup = time.perf_counter()
     set_adapter(model, adapter)
     by_key = adapter_parameters(model)
     frozen = [] if plan.train_lora_A else [k for k in by_key if ".lora_A." in k]
@@ -89,10 +90,11 @@ def train_local(
         num_warmup_steps=cfg.warmup_steps,
         num_training_steps=len(schedule),
     )
+    setup_seconds = time.perf_counter() - t_setup
+    collate_seconds = 0.0
     loss_sum = 0.0
     target_tokens = real_tokens = computed_tokens = 0
     step_losses: list[float] = []
-    start = time.perf_counter()
     model.train()
     try:
         with torch.random.fork_rng():
@@ -101,7 +103,9 @@ def train_local(
                 n_targets = sum(examples[i].num_target_tokens for mb in micro_batches for i in mb)
                 step_loss = 0.0
                 for mb in micro_batches:
+                    t_collate = time.perf_counter()
                     batch = collate([examples[i] for i in mb], pad_token_id)
+                    collate_seconds += time.perf_counter() - t_collate
                     losses, _ = token_losses(model, batch)
                     loss = losses.sum() / n_targets
                     loss.backward()
@@ -127,7 +131,7 @@ def train_local(
         model.eval()
         for k in frozen:
             by_key[k].requires_grad_(True)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - t_setup
     state = get_adapter(model)
     if frozen:  # FFA-LoRA sends B only; A is the shared init everyone already has
         state = {k: v for k, v in state.items() if k not in frozen}
@@ -147,6 +151,9 @@ def train_local(
             "real_tokens": float(real_tokens),
             "padding_efficiency": real_tokens / max(computed_tokens, 1),
             "seconds": seconds,
+            # adapter load + optimizer and schedule set-up, and batch assembly, inside `seconds`
+            "setup_seconds": setup_seconds,
+            "collate_seconds": collate_seconds,
             "tokens_per_s": real_tokens / seconds if seconds > 0 else 0.0,
         },
     )

@@ -147,6 +147,11 @@ class FederationConfig:
     )
     strategy: str = opt("fedavg", "Aggregation strategy (registered name).")
     selection: str = opt("uniform", "Client-selection rule (registered name).")
+    workers: int = opt(
+        1,
+        "Processes training a round's clients in parallel, each with its own copy of the model "
+        "(for machines with many cores); 1 trains them in turn in this process.",
+    )
     min_clients: int = opt(
         1, "A round needs at least this many valid updates, or it fails (global adapter kept)."
     )
@@ -159,6 +164,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, "federation.rounds", "must be >= 0")
         _check(self.min_clients >= 1, "federation.min_clients", "must be >= 1")
+        _check(self.workers >= 1, "federation.workers", "must be >= 1")
         _check(self.max_norm_ratio >= 0, "federation.max_norm_ratio", "must be >= 0")
         k = self.clients_per_round
         if isinstance(k, float):

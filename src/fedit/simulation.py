@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedit import __version__
 from fedit.checkpoint import (
@@ -41,8 +43,11 @@ from fedit.seeding import derive_seed, generator
 from fedit.selection import SELECTORS
 from fedit.strategies import STRATEGIES, build_strategy
 
+if TYPE_CHECKING:
+    from fedit.workers import WorkerPool
+
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"federation.rounds", "faults.crash"}
+RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
 
 
 @dataclass
@@ -106,6 +111,11 @@ class Federation:
             ]
             test = [test[i] for i in sorted(keep)]
         self.eval_set = EvalSet.build(test, cfg.eval.micro_batch_size)
+        self.pool: WorkerPool | None = None
+        if cfg.federation.workers > 1:
+            from fedit.workers import WorkerPool
+
+            self.pool = WorkerPool(cfg, cfg.federation.workers)
 
     def _tokenize(self, records: Any) -> tuple[list[Example], int]:
         d = self.cfg.data
@@ -157,15 +167,38 @@ class Federation:
             plan=self.strategy.client_plan(client, self.global_state),
         )
 
+    def _launch(self, rnd: int, chosen: list[int]) -> list[tuple[int, Callable[[], Update]]]:
+        """(client, call that returns its update): in turn here, or all at once in the pool."""
+        if self.pool is None:
+            n = len(chosen)
+            return [
+                (c, partial(self.train_client, rnd, c, f"{i}/{n}")) for i, c in enumerate(chosen, 1)
+            ]
+        futures = [
+            (
+                c,
+                self.pool.submit(
+                    rnd, c, self.global_state, self.strategy.client_plan(c, self.global_state)
+                ),
+            )
+            for c in chosen
+        ]
+        return [(c, f.result) for c, f in futures]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
     def collect(self, rnd: int, chosen: list[int]) -> tuple[list[Update], list[dict[str, Any]]]:
         """Train the chosen clients; a client that fails is recorded, not fatal."""
         updates, faults = [], []
-        for i, client in enumerate(chosen, 1):
+        for i, (client, result) in enumerate(self._launch(rnd, chosen), 1):
             kinds = self.cfg.faults.injected(client, rnd)
             try:
                 if "fail" in kinds:
                     raise RuntimeError("injected failure")
-                update = self.train_client(rnd, client, f"{i}/{len(chosen)}")
+                update = result()
             except FeditError:
                 raise  # a configuration or data problem, the same for every client
             except Exception as e:
@@ -293,73 +326,78 @@ def run_federation(
                         f"{sorted(diff)}; only {sorted(RESUMABLE_CHANGES)} may change"
                     )
     fed = Federation(cfg, progress)
-    stats = fed.partition.stats
-    progress.log("partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100))
-    history: list[dict[str, Any]] = []
-    metrics_path = out / "metrics.jsonl" if out else None
-    start = 1
-    if out and metrics_path:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / "config.toml", to_toml(cfg))
-        _atomic_text(out / "partition_stats.json", json.dumps(stats, indent=1) + "\n")
-        if ckpt is not None:
-            fed.global_state = ckpt.adapter
-            fed.strategy.load_state_dict(ckpt.strategy_state)
-            start = ckpt.round + 1
-            history = _rewrite_metrics(metrics_path, ckpt.round, ckpt.run_state.get("metrics"))
-            progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
-        else:
-            _rewrite_metrics(metrics_path, -1)
-    rounds = cfg.federation.rounds
-    if start == 1 and cfg.eval.every:
-        row: dict[str, Any] = {"round": 0, "clients": [], "eval": fed.evaluate()}
-        progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
-        history.append(row)
-        if metrics_path:
-            _append_jsonl(metrics_path, row)
-    for rnd in range(start, rounds + 1):
-        t0 = time.perf_counter()
-        row = fed.run_round(rnd)
-        if cfg.eval.every and (rnd % cfg.eval.every == 0 or rnd == rounds):
-            t = time.perf_counter()
-            row["eval"] = fed.evaluate()
-            row["time"]["eval"] = time.perf_counter() - t
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        if out and ckpt_root and metrics_path:
-            t = time.perf_counter()
-            with interrupts_deferred():  # Ctrl-C lets the round's files finish first
-                save_checkpoint(
-                    ckpt_root,
-                    rnd,
-                    fed.model,
-                    fed.global_state,
-                    fed.strategy.state_dict(),
-                    {
-                        "seed": cfg.seed,
-                        # Every generator derives from (seed, purpose, round, client): the round
-                        # number is the whole RNG state needed to continue.
-                        "rng": "derived: seed, purpose, round, client",
-                        "config": cfg.to_dict(),
-                        "fedit_version": __version__,
-                        "metrics": row,
-                    },
-                    on_written=crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None,
-                )
-                _append_jsonl(metrics_path, row)
-            row["time"]["checkpoint"] = time.perf_counter() - t
-        ev = row.get("eval")
+    try:
+        stats = fed.partition.stats
         progress.log(
-            f"round {rnd}/{rounds} done: clients {row['clients']} train loss "
-            f"{row['train_loss']:.4f}"
-            + (f", held-out loss {ev['loss']:.4f}" if ev else "")
-            + f" ({row['seconds']:.1f}s)"
+            "partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100)
         )
-    if out:
-        save_adapter(fed.model, fed.global_state, out / "adapter")
-        summary = {"rounds": rounds, "history": history, "partition": stats["heterogeneity"]}
-        _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return RunResult(fed.global_state, history, stats, out)
+        history: list[dict[str, Any]] = []
+        metrics_path = out / "metrics.jsonl" if out else None
+        start = 1
+        if out and metrics_path:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_text(out / "config.toml", to_toml(cfg))
+            _atomic_text(out / "partition_stats.json", json.dumps(stats, indent=1) + "\n")
+            if ckpt is not None:
+                fed.global_state = ckpt.adapter
+                fed.strategy.load_state_dict(ckpt.strategy_state)
+                start = ckpt.round + 1
+                history = _rewrite_metrics(metrics_path, ckpt.round, ckpt.run_state.get("metrics"))
+                progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
+            else:
+                _rewrite_metrics(metrics_path, -1)
+        rounds = cfg.federation.rounds
+        if start == 1 and cfg.eval.every:
+            row: dict[str, Any] = {"round": 0, "clients": [], "eval": fed.evaluate()}
+            progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
+            history.append(row)
+            if metrics_path:
+                _append_jsonl(metrics_path, row)
+        for rnd in range(start, rounds + 1):
+            t0 = time.perf_counter()
+            row = fed.run_round(rnd)
+            if cfg.eval.every and (rnd % cfg.eval.every == 0 or rnd == rounds):
+                t = time.perf_counter()
+                row["eval"] = fed.evaluate()
+                row["time"]["eval"] = time.perf_counter() - t
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            if out and ckpt_root and metrics_path:
+                t = time.perf_counter()
+                with interrupts_deferred():  # Ctrl-C lets the round's files finish first
+                    save_checkpoint(
+                        ckpt_root,
+                        rnd,
+                        fed.model,
+                        fed.global_state,
+                        fed.strategy.state_dict(),
+                        {
+                            "seed": cfg.seed,
+                            # Every generator derives from (seed, purpose, round, client): the round
+                            # number is the whole RNG state needed to continue.
+                            "rng": "derived: seed, purpose, round, client",
+                            "config": cfg.to_dict(),
+                            "fedit_version": __version__,
+                            "metrics": row,
+                        },
+                        on_written=crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None,
+                    )
+                    _append_jsonl(metrics_path, row)
+                row["time"]["checkpoint"] = time.perf_counter() - t
+            ev = row.get("eval")
+            progress.log(
+                f"round {rnd}/{rounds} done: clients {row['clients']} train loss "
+                f"{row['train_loss']:.4f}"
+                + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+                + f" ({row['seconds']:.1f}s)"
+            )
+        if out:
+            save_adapter(fed.model, fed.global_state, out / "adapter")
+            summary = {"rounds": rounds, "history": history, "partition": stats["heterogeneity"]}
+            _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        return RunResult(fed.global_state, history, stats, out)
+    finally:
+        fed.close()
 
 
 def _atomic_text(path: Path, text: str) -> None:
