@@ -112,14 +112,20 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
     start_state = dict(fed.global_state)
     # Alternate fedit and the floor, each from the same start, so warm-up and drift hit both.
     fedit_times, floor_times = [], []
-    for _ in range(repeats):
+    floor_tokens = 0
+    for r in range(repeats):
+        if r % 2:  # every other repeat runs the floor first: no order effect
+            fed.global_state = start_state
+            seconds, floor_tokens = plain_training(fed, clients, rnd)
+            floor_times.append(seconds)
         fed.global_state = start_state
         row = fed.run_round(rnd)
         fedit_times.append(row["time"]["train"])
         end_state = fed.global_state
-        fed.global_state = start_state
-        floor_seconds, floor_tokens = plain_training(fed, clients, rnd)
-        floor_times.append(floor_seconds)
+        if not r % 2:
+            fed.global_state = start_state
+            seconds, floor_tokens = plain_training(fed, clients, rnd)
+            floor_times.append(seconds)
     fed.global_state = end_state
     fedit_train = statistics.median(fedit_times)
     floor_seconds = statistics.median(floor_times)
