@@ -19,7 +19,7 @@ from fedit.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from fedit.client import Update, train_local
+from fedit.client import ClientPlan, Update, train_local
 from fedit.config import Config, ConfigError, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_partition
 from fedit.data.prompts import TEMPLATES, Example, tokenize_records
@@ -149,22 +149,32 @@ class Federation:
         rule = SELECTORS.get(self.cfg.federation.selection)
         return rule(sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
 
-    def train_client(self, rnd: int, client: int, slot: str) -> Update:
+    def train_client(
+        self,
+        rnd: int,
+        client: int,
+        slot: str,
+        adapter: AdapterState | None = None,
+        plan: ClientPlan | None = None,
+    ) -> Update:
+        """One client's local training from the global adapter (or `adapter`, as a worker
+        process receives it) under the strategy's plan (or `plan`)."""
         rounds = self.cfg.federation.rounds
+        adapter = self.global_state if adapter is None else adapter
 
         def on_step(step: int, total: int, loss: float) -> None:
             self.progress.step(rnd, rounds, slot, client, step, total, loss)
 
         return train_local(
             self.model,
-            self.global_state,
+            adapter,
             self.client_examples(client),
             self.cfg.client,
             client_id=client,
             seed=derive_seed(self.cfg.seed, "client", rnd, client),
             pad_token_id=self.pad_id,
             on_step=on_step,
-            plan=self.strategy.client_plan(client, self.global_state),
+            plan=plan or self.strategy.client_plan(client, adapter),
         )
 
     def _launch(self, rnd: int, chosen: list[int]) -> list[tuple[int, Callable[[], Update]]]:

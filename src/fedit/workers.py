@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from fedit.client import ClientPlan, Update, train_local
+from fedit.client import ClientPlan, Update
 from fedit.config import Config, config_from_dict
 from fedit.lora import AdapterState
-from fedit.seeding import derive_seed
 
 _FEDERATION: Any = None
 
@@ -30,17 +29,7 @@ def _init(config: dict[str, Any], threads: int) -> None:
 
 
 def _train(rnd: int, client: int, adapter: AdapterState, plan: ClientPlan) -> Update:
-    fed = _FEDERATION
-    return train_local(
-        fed.model,
-        adapter,
-        fed.client_examples(client),
-        fed.cfg.client,
-        client_id=client,
-        seed=derive_seed(fed.cfg.seed, "client", rnd, client),
-        pad_token_id=fed.pad_id,
-        plan=plan,
-    )
+    return _FEDERATION.train_client(rnd, client, "worker", adapter, plan)
 
 
 class WorkerPool:
