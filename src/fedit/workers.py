@@ -24,8 +24,12 @@ def _init(config: dict[str, Any], threads: int) -> None:
     from fedit.simulation import Federation
 
     global _FEDERATION
+    cfg = config_from_dict(config)
+    # A worker trains in its own process with its share of the cores, and starts no pool.
+    cfg.federation.workers = 1
+    cfg.model.threads = threads
     torch.set_num_threads(threads)
-    _FEDERATION = Federation(config_from_dict(config))
+    _FEDERATION = Federation(cfg)
 
 
 def _train(rnd: int, client: int, adapter: AdapterState, plan: ClientPlan) -> Update:
