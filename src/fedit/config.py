@@ -126,6 +126,16 @@ class PartitionConfig:
         1, "'dirichlet' and 'quantity' move records from the largest clients up to this size."
     )
     natural_field: str = opt("user", "Record role that defines clients for 'natural'.")
+    only: list[int] = opt(
+        [],
+        "Keep only these clients of the partition (by index), e.g. [3] for one client tuning "
+        "alone; the test split is unchanged.",
+    )
+    pooled: bool = opt(
+        False,
+        "Pool the (kept) clients' data into one client: centralized tuning on the same data "
+        "and the same test split.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 0, "partition.num_clients", "must be >= 0")
@@ -137,6 +147,9 @@ class PartitionConfig:
             "partition.natural_field",
             "must be 'user' or 'category'",
         )
+        for i, c in enumerate(self.only):
+            _check(c >= 0, f"partition.only[{i}]", "client indices are >= 0")
+        _check(len(set(self.only)) == len(self.only), "partition.only", "repeats a client")
 
 
 @dataclass
@@ -281,6 +294,7 @@ class EvalConfig:
         1, "Evaluate the global adapter every N rounds (and always the last); 0 = never."
     )
     micro_batch_size: int = opt(8, "Examples per evaluation forward pass.")
+    at_start: bool = opt(True, "Also evaluate the starting adapter, as round 0.")
     max_examples: int = opt(
         0, "Evaluate on at most N test examples (0 = all), same ones each round."
     )
@@ -338,6 +352,77 @@ class FaultsConfig:
 
 
 @dataclass
+class GenerateConfig:
+    max_new_tokens: int = opt(128, "Longest generated answer, in tokens.")
+    per_category: int = opt(
+        5, "Test examples per category answered greedily for ROUGE-L / similarity / the judge."
+    )
+    batch_size: int = opt(8, "Prompts generated together (left-padded).")
+    embedder: str = opt(
+        "all-MiniLM-L6-v2",
+        "Sentence embedder for answer similarity: 'all-MiniLM-L6-v2' (offline packaged copy), "
+        "a local folder, or '' to skip.",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1")
+        _check(self.per_category >= 0, "generate.per_category", "must be >= 0")
+        _check(self.batch_size >= 1, "generate.batch_size", "must be >= 1")
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = opt(
+        "",
+        "OpenAI-compatible endpoint of the LLM judge, e.g. 'https://api.openai.com/v1' or "
+        "'http://127.0.0.1:8000/v1' (fedit serve); '' = no judge.",
+    )
+    model: str = opt("gpt-4", "Judge model name sent to the endpoint.")
+    api_key_env: str = opt(
+        "OPENAI_API_KEY", "Environment variable holding the judge's API key (may be unset)."
+    )
+    mode: Literal["pairwise", "single", "both"] = opt(
+        "pairwise",
+        "pairwise: answer vs reference, each rated 1-10, asked in both orders; single: one "
+        "answer graded 1-10 alone; both.",
+    )
+    repeats: int = opt(2, "Judgments per question and order, averaged.")
+    temperature: float = opt(0.2, "Judge sampling temperature.")
+    max_tokens: int = opt(512, "Longest judge reply.")
+    timeout: float = opt(120.0, "Seconds to wait for one judge reply.")
+    max_retries: int = opt(4, "Retries of a failed request, with exponential backoff.")
+
+    def __post_init__(self) -> None:
+        _check(self.repeats >= 1, "judge.repeats", "must be >= 1")
+        _check(self.timeout > 0, "judge.timeout", "must be > 0")
+        _check(self.max_retries >= 0, "judge.max_retries", "must be >= 0")
+        _check(self.max_tokens >= 8, "judge.max_tokens", "must be >= 8")
+        if self.base_url:
+            _check(
+                self.base_url.startswith(("http://", "https://")),
+                "judge.base_url",
+                f"must start with http:// or https://, got {self.base_url!r}",
+            )
+
+
+@dataclass
+class CompareConfig:
+    arms: list[str] = opt(
+        ["base", "local", "fedit", "centralized"],
+        "Arms of `fedit compare`: base (no tuning), local (clients alone), fedit, centralized.",
+    )
+    local_clients: int = opt(
+        4, "Clients sampled for the local-only arm; each tunes alone for federation.rounds rounds."
+    )
+
+    def __post_init__(self) -> None:
+        known = ("base", "local", "fedit", "centralized")
+        for i, arm in enumerate(self.arms):
+            _check(arm in known, f"compare.arms[{i}]", f"unknown arm {arm!r}; known: {known}")
+        _check(self.local_clients >= 1, "compare.local_clients", "must be >= 1")
+
+
+@dataclass
 class Config:
     seed: int = opt(42, "Run seed; every random choice derives from it and the round.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -349,6 +434,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         s = self.strategy

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
+# Sections that only steer what happens after training.
+RESUMABLE_SECTIONS = ("generate.", "judge.", "compare.")
 
 
 @dataclass
@@ -329,7 +331,11 @@ def run_federation(
                 progress.log(f"skipping damaged checkpoint: {p}")
             if ckpt is not None:
                 saved = config_from_dict(ckpt.run_state["config"])
-                diff = set(_config_diff(saved.to_dict(), cfg.to_dict())) - RESUMABLE_CHANGES
+                diff = {
+                    k
+                    for k in _config_diff(saved.to_dict(), cfg.to_dict())
+                    if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
+                }
                 if diff:
                     raise ConfigError(
                         f"--resume: the config differs from the checkpointed run in "
@@ -357,7 +363,7 @@ def run_federation(
             else:
                 _rewrite_metrics(metrics_path, -1)
         rounds = cfg.federation.rounds
-        if start == 1 and cfg.eval.every:
+        if start == 1 and cfg.eval.every and cfg.eval.at_start:
             row: dict[str, Any] = {"round": 0, "clients": [], "eval": fed.evaluate()}
             progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
             history.append(row)

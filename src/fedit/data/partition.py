@@ -209,6 +209,18 @@ def partition_stats(clients: Sequence[Sequence[Record]], test: Sequence[Record])
     }
 
 
+def _keep(clients: list[list[Record]], only: Sequence[int], pooled: bool) -> list[list[Record]]:
+    """`partition.only` and `partition.pooled`: the same split, fewer or merged clients."""
+    bad = [c for c in only if c >= len(clients)]
+    if bad:
+        raise PartitionError(
+            f"partition.only: clients {bad} do not exist; the partition has {len(clients)} "
+            f"(0..{len(clients) - 1})"
+        )
+    kept = [clients[c] for c in only] if only else clients
+    return [[r for c in kept for r in c]] if pooled else kept
+
+
 def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
     """Optional subsample, test split, then client split, all seeded from `cfg.seed`."""
     if cfg.data.max_records and len(records) > cfg.data.max_records:
@@ -221,6 +233,7 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
     fn = PARTITIONERS.get(cfg.partition.method)
     parts = fn(train, cfg.partition, generator(cfg.seed, "partition", cfg.partition.method))
     clients = [[train[i] for i in p] for p in parts]
+    clients = _keep(clients, cfg.partition.only, cfg.partition.pooled)
     for c, recs in enumerate(clients):
         if not recs:
             raise PartitionError(

@@ -269,3 +269,39 @@ def read_canonical(path: Path) -> list[Record]:
         except TypeError as e:
             raise DataError(f"{where}: not a fedit record: {e}") from None
     return records
+
+
+def read_prompts(path: Path) -> list[Record]:
+    """Prompts to answer, one JSON object per line: 'instruction' (or 'prompt'), optional
+    'input' / 'context' and 'category'; any 'output' is kept as the reference."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            text = obj.get("instruction", obj.get("prompt"))
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: needs a non-empty 'instruction' (or 'prompt') string")
+            context = obj.get("input", obj.get("context", "")) or ""
+            if not isinstance(context, str):
+                raise DataError(f"{where}: 'input' must be a string")
+            records.append(
+                Record(
+                    instruction=text,
+                    response=str(obj.get("output", obj.get("response", "")) or ""),
+                    context=context,
+                    category=str(obj.get("category", UNKNOWN_CATEGORY)),
+                )
+            )
+    if not records:
+        raise DataError(f"{path}: no prompts")
+    return records

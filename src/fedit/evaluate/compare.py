@@ -1,0 +1,296 @@
+"""The paper's comparison on one partition: base, local-only, FedIT, centralized.
+
+Every arm trains through `run_federation` on variants of one config, so all share the
+partition, the test split, the training loop and the evaluation:
+
+- base: the model without tuning;
+- local: each of `compare.local_clients` sampled clients tunes alone (`partition.only`) for
+  `federation.rounds` rounds of its usual local work, the budget of a client that is selected
+  every round; mean and spread over those clients are reported;
+- fedit: the federation as configured;
+- centralized: all clients' data pooled into one client (`partition.pooled`), with the same
+  total number of optimizer steps (same batch size) as FedIT spent, spread over the same rounds.
+
+Each arm is a run folder under the output folder; a finished arm is reused, an interrupted
+one resumes from its last checkpoint. Answers and judgments are cached the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedit.config import Config, ConfigError, config_from_dict, to_toml
+from fedit.data.partition import make_partition
+from fedit.data.records import load_records
+from fedit.evaluate.generation import Embedder
+from fedit.evaluate.scoring import (
+    answer_metrics,
+    answers_for,
+    generation_subset,
+    judge_rows,
+    loss_on,
+)
+from fedit.inference import load_for_inference, use_adapter
+from fedit.lora import load_adapter_state
+from fedit.progress import Progress
+from fedit.seeding import generator
+from fedit.simulation import run_federation
+
+
+def variant(cfg: Config, **sections: dict[str, Any]) -> Config:
+    d = cfg.to_dict()
+    for section, changes in sections.items():
+        d[section].update(changes)
+    return config_from_dict(d)
+
+
+def _finished(folder: Path, rounds: int) -> list[dict[str, Any]] | None:
+    summary = folder / "summary.json"
+    if summary.is_file() and (folder / "adapter").is_dir():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        if data.get("rounds") == rounds:
+            return list(data["history"])
+    return None
+
+
+def run_arm(cfg: Config, folder: Path, name: str, progress: Progress) -> list[dict[str, Any]]:
+    done = _finished(folder, cfg.federation.rounds)
+    if done is not None:
+        progress.log(f"{name}: finished earlier, reusing {folder}")
+        return done
+    progress.log(f"{name}: training ({folder})")
+    return run_federation(cfg, folder, resume=True, progress=progress).history
+
+
+def _steps(history: list[dict[str, Any]]) -> int:
+    return int(sum(c["steps"] for h in history for c in h.get("client_metrics", [])))
+
+
+def _examples_seen(history: list[dict[str, Any]], batch_size: int) -> int:
+    return _steps(history) * batch_size
+
+
+def _final_eval(history: list[dict[str, Any]]) -> dict[str, Any]:
+    for h in reversed(history):
+        if h.get("eval"):
+            return dict(h["eval"])
+    raise ConfigError("an arm finished without a held-out evaluation; set eval.every >= 1")
+
+
+def _loss_curve(history: list[dict[str, Any]]) -> list[list[float]]:
+    return [[h["round"], h["eval"]["loss"]] for h in history if h.get("eval")]
+
+
+def local_clients(cfg: Config, num_clients: int) -> list[int]:
+    k = min(cfg.compare.local_clients, num_clients)
+    rng = generator(cfg.seed, "compare-local")
+    return sorted(int(c) for c in rng.choice(num_clients, k, replace=False))
+
+
+def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or Progress(enabled=False)
+    if cfg.partition.only or cfg.partition.pooled:
+        raise ConfigError(
+            "compare: partition.only / partition.pooled are set by the arms; unset them"
+        )
+    if cfg.eval.every == 0:
+        raise ConfigError("compare: eval.every=0 leaves the arms without a held-out loss")
+    arms = list(dict.fromkeys(cfg.compare.arms))
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "config.toml", to_toml(cfg))
+    records, _ = load_records(cfg.data)
+    partition = make_partition(records, cfg)
+    num_clients = len(partition.clients)
+    rounds = cfg.federation.rounds
+    arm_info: dict[str, dict[str, Any]] = {}
+    folders: dict[str, Path] = {}
+
+    if "fedit" in arms:
+        h = run_arm(cfg, out / "fedit", "fedit", progress)
+        arm_info["fedit"] = {"history": h, "steps": _steps(h)}
+        folders["fedit"] = out / "fedit" / "adapter"
+
+    if "centralized" in arms:
+        if "fedit" in arm_info:
+            total = arm_info["fedit"]["steps"]
+        elif cfg.client.max_steps:
+            total = cfg.client.max_steps * cfg.federation.clients_this_round(num_clients) * rounds
+        else:
+            raise ConfigError(
+                "compare: the centralized arm matches FedIT's step count; with client.max_steps=0 "
+                "it needs the fedit arm"
+            )
+        per_round = max(1, round(total / rounds))
+        c_cfg = variant(
+            cfg,
+            partition={"pooled": True},
+            federation={"clients_per_round": 1, "min_clients": 1},
+            client={"max_steps": per_round},
+            eval={"at_start": False},  # round 0 is the base arm
+        )
+        h = run_arm(c_cfg, out / "centralized", "centralized", progress)
+        arm_info["centralized"] = {"history": h, "steps": _steps(h)}
+        folders["centralized"] = out / "centralized" / "adapter"
+
+    local_ids: list[int] = []
+    if "local" in arms:
+        local_ids = local_clients(cfg, num_clients)
+        runs = []
+        for c in local_ids:
+            l_cfg = variant(
+                cfg,
+                partition={"only": [c]},
+                federation={"clients_per_round": 1, "min_clients": 1},
+                eval={"every": rounds, "at_start": False},  # only the final adapter counts
+            )
+            folder = out / f"local_client_{c:04d}"
+            h = run_arm(l_cfg, folder, f"local client {c}", progress)
+            size = len(partition.clients[c])
+            runs.append({"client": c, "history": h, "steps": _steps(h), "size": size})
+            folders[f"local_client_{c:04d}"] = folder / "adapter"
+        arm_info["local"] = {"runs": runs}
+
+    # Evaluation: one model in memory, the adapters swapped in turn.
+    progress.log("evaluating the arms")
+    loaded = load_for_inference(cfg, None)
+    gen_records = generation_subset(partition.test, cfg.generate.per_category, cfg.seed)
+    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and gen_records else None
+    base_state = {k: v.clone() for k, v in _current(loaded).items()}
+
+    def score(label: str, adapter: Path | None) -> dict[str, Any]:
+        use_adapter(loaded, load_adapter_state(adapter) if adapter else base_state, adapter)
+        result: dict[str, Any] = {}
+        if gen_records:
+            rows = answers_for(loaded, gen_records, out / "answers" / f"{label}.jsonl", progress)
+            result.update(answer_metrics(rows, embedder))
+            if cfg.judge.base_url:
+                progress.log(f"judging {label} ({cfg.judge.model} at {cfg.judge.base_url})")
+                result["judge"] = judge_rows(cfg, rows, out / "judge_cache.jsonl", progress)
+        return result
+
+    results: dict[str, Any] = {
+        "rounds": rounds,
+        "num_clients": num_clients,
+        "clients_per_round": cfg.federation.clients_this_round(num_clients),
+        "batch_size": cfg.client.batch_size,
+        "generation_items": len(gen_records),
+        "arms": {},
+    }
+    if "base" in arms:
+        base_cache = out / "base_eval.json"
+        if base_cache.is_file():
+            base_eval = json.loads(base_cache.read_text(encoding="utf-8"))
+        else:
+            base_eval = loss_on(loaded, partition.test)
+            _atomic(base_cache, json.dumps(base_eval) + "\n")
+        results["arms"]["base"] = {**_loss_view(base_eval), **score("base", None), "steps": 0}
+    for name in ("fedit", "centralized"):
+        if name in arm_info:
+            info = arm_info[name]
+            results["arms"][name] = {
+                **_loss_view(_final_eval(info["history"])),
+                **score(name, folders[name]),
+                "steps": info["steps"],
+                "loss_per_round": _loss_curve(info["history"]),
+            }
+            curve = results["arms"][name]["loss_per_round"]
+            if "base" in results["arms"] and (not curve or curve[0][0] != 0):
+                curve.insert(0, [0, results["arms"]["base"]["loss"]])  # LoRA starts as a no-op
+    if "local" in arm_info:
+        per_client = []
+        for run in arm_info["local"]["runs"]:
+            label = f"local_client_{run['client']:04d}"
+            per_client.append(
+                {
+                    "client": run["client"],
+                    "train_records": run["size"],
+                    "steps": run["steps"],
+                    **_loss_view(_final_eval(run["history"])),
+                    **score(label, folders[label]),
+                }
+            )
+        results["arms"]["local"] = _local_summary(per_client)
+    results["arms"] = {a: results["arms"][a] for a in arms if a in results["arms"]}
+    _atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    from fedit.evaluate.report import write_report
+
+    write_report(results, out)
+    return results
+
+
+def _current(loaded: Any) -> dict[str, Any]:
+    from fedit.lora import get_adapter
+
+    return get_adapter(loaded.model)
+
+
+def _loss_view(ev: dict[str, Any]) -> dict[str, Any]:
+    per = {c: v["loss"] for c, v in ev["per_category"].items()}
+    return {
+        "loss": ev["loss"],
+        "ppl": ev["ppl"],
+        "loss_per_category": per,
+        "category_loss_max": max(per.values()) if per else None,
+        "category_loss_min": min(per.values()) if per else None,
+    }
+
+
+def _local_summary(per_client: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over the local-only clients, with their spread."""
+
+    def mean_of(key: str) -> float | None:
+        vals = [p[key] for p in per_client if p.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    losses = [p["loss"] for p in per_client]
+    cats = sorted({c for p in per_client for c in p["loss_per_category"]})
+    per_cat = {
+        c: statistics.fmean(
+            p["loss_per_category"][c] for p in per_client if c in p["loss_per_category"]
+        )
+        for c in cats
+    }
+    out: dict[str, Any] = {
+        "clients": [p["client"] for p in per_client],
+        "loss": statistics.fmean(losses),
+        "loss_std": statistics.pstdev(losses),
+        "loss_min": min(losses),
+        "loss_max": max(losses),
+        "ppl": mean_of("ppl"),
+        "loss_per_category": per_cat,
+        "category_loss_max": max(per_cat.values()) if per_cat else None,
+        "category_loss_min": min(per_cat.values()) if per_cat else None,
+        "steps": mean_of("steps"),
+        "per_client": per_client,
+    }
+    for key in ("rougeL", "similarity"):
+        if any(key in p for p in per_client):
+            out[key] = mean_of(key)
+            vals = [p[key] for p in per_client if p.get(key) is not None]
+            out[f"{key}_std"] = statistics.pstdev(vals) if vals else None
+    judged = [p["judge"] for p in per_client if "judge" in p]
+    if judged:
+        out["judge"] = {
+            m: {
+                "score": statistics.fmean(
+                    j[m]["score"] for j in judged if j[m]["score"] is not None
+                ) if any(j[m]["score"] is not None for j in judged) else None,
+                "relative": statistics.fmean(
+                    j[m]["relative"] for j in judged if j[m].get("relative") is not None
+                ) if any(j[m].get("relative") is not None for j in judged) else None,
+                "unparsed_replies": sum(j[m]["unparsed_replies"] for j in judged),
+            }
+            for m in ("pairwise", "single")
+            if m in judged[0]
+        }  # fmt: skip
+    return out
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""The comparison's Markdown table and plots (held-out loss per round, per-category bars)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ARM_NAMES = {
+    "base": "base (no tuning)",
+    "local": "local-only (mean over clients)",
+    "fedit": "FedIT",
+    "centralized": "centralized",
+}
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _judge_cell(arm: dict[str, Any]) -> str:
+    j = arm.get("judge")
+    if not j:
+        return "–"
+    parts = []
+    if "pairwise" in j and j["pairwise"].get("relative") is not None:
+        parts.append(f"{100 * j['pairwise']['relative']:.0f}% of ref")
+    if "single" in j and j["single"].get("score") is not None:
+        parts.append(f"{j['single']['score']:.2f}/10")
+    bad = sum(j[m].get("unparsed_replies", 0) for m in ("pairwise", "single") if m in j)
+    if bad:
+        parts.append(f"{bad} unparsed")
+    return ", ".join(parts) or "–"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    arms = results["arms"]
+    lines = [
+        "| arm | held-out loss | ppl | worst category | best category | ROUGE-L | similarity "
+        "| judge | optimizer steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, arm in arms.items():
+        loss = _f(arm["loss"])
+        if key == "local":
+            loss += f" ± {arm['loss_std']:.4f} ({_f(arm['loss_min'])}–{_f(arm['loss_max'])})"
+        steps = arm.get("steps")
+        steps_cell = "–" if steps is None else f"{steps:.0f}" + (" each" if key == "local" else "")
+        lines.append(
+            f"| {ARM_NAMES.get(key, key)} | {loss} | {_f(arm.get('ppl'), 2)} "
+            f"| {_f(arm.get('category_loss_max'))} | {_f(arm.get('category_loss_min'))} "
+            f"| {_f(arm.get('rougeL'))} | {_f(arm.get('similarity'))} | {_judge_cell(arm)} "
+            f"| {steps_cell} |"
+        )
+    cats = sorted({c for a in arms.values() for c in a.get("loss_per_category", {})})
+    lines += ["", "Held-out loss per category:", ""]
+    lines.append("| category | " + " | ".join(ARM_NAMES.get(k, k) for k in arms) + " |")
+    lines.append("|---|" + "---|" * len(arms))
+    for c in cats:
+        cells = [_f(a.get("loss_per_category", {}).get(c)) for a in arms.values()]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if "local" in arms:
+        lines += ["", "Local-only clients:", "", "| client | records | held-out loss | ROUGE-L |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for p in arms["local"]["per_client"]:
+            cells = [str(p["client"]), str(p["train_records"]), _f(p["loss"]), _f(p.get("rougeL"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("fedit", "o-"), ("centralized", "s-")):
+        if key in arms and arms[key].get("loss_per_round"):
+            curve = arms[key]["loss_per_round"]
+            ax.plot([r for r, _ in curve], [v for _, v in curve], style, label=ARM_NAMES[key])
+    if "base" in arms:
+        ax.axhline(arms["base"]["loss"], color="gray", ls=":", label=ARM_NAMES["base"])
+    if "local" in arms:
+        ax.axhline(arms["local"]["loss"], color="tab:red", ls="--", label=ARM_NAMES["local"])
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Held-out loss per round")
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, out / "loss_per_round.png"))
+    plt.close(fig)
+
+    cats = sorted({c for a in arms.values() for c in a.get("loss_per_category", {})})
+    if cats:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cats)), 4))
+        width = 0.8 / max(len(arms), 1)
+        for i, (key, arm) in enumerate(arms.items()):
+            ys = [arm.get("loss_per_category", {}).get(c, float("nan")) for c in cats]
+            xs = [x + i * width for x in range(len(cats))]
+            ax.bar(xs, ys, width, label=ARM_NAMES.get(key, key))
+        ax.set_xticks([x + width * (len(arms) - 1) / 2 for x in range(len(cats))])
+        ax.set_xticklabels(cats, rotation=30, ha="right")
+        ax.set_ylabel("held-out loss")
+        ax.set_title("Held-out loss per category")
+        lows = [v for a in arms.values() for v in a.get("loss_per_category", {}).values()]
+        ax.set_ylim(min(lows) * 0.9, max(lows) * 1.03)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out / "per_category.png"))
+        plt.close(fig)
+
+    judged = {k: a["judge"]["pairwise"]["relative"] for k, a in arms.items()
+              if a.get("judge", {}).get("pairwise", {}).get("relative") is not None}  # fmt: skip
+    if judged:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([ARM_NAMES.get(k, k) for k in judged], [100 * v for v in judged.values()])
+        ax.axhline(100, color="gray", ls=":")
+        ax.set_ylabel("judge score, % of the reference answer's")
+        ax.set_title("LLM judge (pairwise, both orders)")
+        plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+        fig.tight_layout()
+        written.append(_save(fig, out / "judge.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    text = markdown(results)
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out / "results.md")
+    plots(results, out)
