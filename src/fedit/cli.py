@@ -91,6 +91,36 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-id", default="fedit", help="model name clients send (default fedit)")
     srv.add_argument("--max-new-tokens", type=int, help="default: generate.max_new_tokens")
 
+    fed = sub.add_parser(
+        "federate", help="run the config over real Flower processes on this machine (loopback)"
+    )
+    _config_args(fed)
+    fed.add_argument("--nodes", type=int, help="SuperNodes to start (= partition.num_clients)")
+    fed.add_argument("--out", help="run folder (default: runs/<config name>-flower)")
+    fed.add_argument(
+        "--secure", action="store_true", help="TLS (test CA) and SuperNode authentication"
+    )
+
+    fapp = sub.add_parser(
+        "flower-app", help="write the Flower app folder for a multi-host deployment"
+    )
+    _config_args(fapp)
+    fapp.add_argument("--app", required=True, help="app folder to write (pyproject.toml)")
+    fapp.add_argument("--out", required=True, help="run folder on the SuperLink host")
+    fapp.add_argument("--superlink", help="HOST:PORT of the SuperLink (writes flwr-home/)")
+    fapp.add_argument("--root-certificates", help="CA certificate for a TLS SuperLink")
+
+    certs = sub.add_parser(
+        "flower-certs", help="make a test CA, SuperLink certificate and SuperNode keys"
+    )
+    certs.add_argument("folder", help="where to write them")
+    certs.add_argument("--nodes", type=int, default=2, help="node key pairs (default 2)")
+    certs.add_argument(
+        "--host", action="append", default=[],
+        help="SuperLink address the certificate is valid for (repeatable; default 127.0.0.1 "
+        "and localhost)",
+    )  # fmt: skip
+
     keys = sub.add_parser("keys", help="list every config key with its type, default and meaning")
     keys.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
     return parser
@@ -346,6 +376,51 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_federate(args: argparse.Namespace) -> int:
+    from fedit.flower.launch import federate
+    from fedit.progress import summary_table
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-flower")
+    try:
+        summary = federate(cfg, out, args.nodes, secure=args.secure)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; every Flower process was stopped. Completed rounds are in "
+            f"{out / 'checkpoints'}; the same command resumes.",
+            file=sys.stderr,
+        )
+        return 130
+    print(summary_table(summary["history"]))
+    print(f"\nglobal adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
+def _cmd_flower_app(args: argparse.Namespace) -> int:
+    from fedit.flower.launch import FEDERATION, write_app, write_federation
+
+    cfg = load_config(args.config, args.overrides)
+    app = write_app(Path(args.app), cfg, Path(args.out))
+    print(f"wrote {app / 'pyproject.toml'} (run folder on the SuperLink host: {args.out})")
+    if args.superlink:
+        ca = Path(args.root_certificates) if args.root_certificates else None
+        write_federation(app / "flwr-home", args.superlink, ca)
+        print(f"wrote {app / 'flwr-home' / 'config.toml'}: federation {FEDERATION!r}")
+        print(f"next: FLWR_HOME={app / 'flwr-home'} flwr run {app} {FEDERATION} --stream")
+    return 0
+
+
+def _cmd_flower_certs(args: argparse.Namespace) -> int:
+    from fedit.flower.certs import make_pki
+
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    paths = make_pki(Path(args.folder), args.nodes, hosts)
+    for name, path in paths.items():
+        if name != "ca_key":
+            print(f"{name:<12} {path}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(to_toml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -375,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": _cmd_generate,
         "chat": _cmd_chat,
         "serve": _cmd_serve,
+        "federate": _cmd_federate,
+        "flower-app": _cmd_flower_app,
+        "flower-certs": _cmd_flower_certs,
         "keys": _cmd_keys,
     }
     try:

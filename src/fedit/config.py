@@ -423,6 +423,24 @@ class CompareConfig:
 
 
 @dataclass
+class FlowerConfig:
+    round_timeout: float = opt(
+        600.0, "Seconds a round waits for its nodes' replies; late or lost nodes are excluded."
+    )
+    connect_timeout: float = opt(
+        300.0, "Seconds the server waits at the start for every client's node to connect."
+    )
+    worker_idle_timeout: float = opt(
+        1800.0, "A node's model-holding worker exits after this many idle seconds."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.round_timeout > 0, "flower.round_timeout", "must be > 0")
+        _check(self.connect_timeout > 0, "flower.connect_timeout", "must be > 0")
+        _check(self.worker_idle_timeout > 0, "flower.worker_idle_timeout", "must be > 0")
+
+
+@dataclass
 class Config:
     seed: int = opt(42, "Run seed; every random choice derives from it and the round.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -437,6 +455,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:
         s = self.strategy

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedit import __version__
 from fedit.checkpoint import (
@@ -46,10 +46,24 @@ from fedit.strategies import STRATEGIES, build_strategy
 if TYPE_CHECKING:
     from fedit.workers import WorkerPool
 
+# (client, call that returns its update or raises why it has none)
+Launched = list[tuple[int, Callable[[], Update]]]
+
+
+class Remote(Protocol):
+    """Clients that train elsewhere (Flower nodes): their data sizes and a way to train them."""
+
+    sizes: list[int]
+
+    def launch(
+        self, rnd: int, chosen: list[int], adapter: AdapterState, plans: dict[int, ClientPlan]
+    ) -> Launched: ...
+
+
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
 # Sections that only steer what happens after training.
-RESUMABLE_SECTIONS = ("generate.", "judge.", "compare.")
+RESUMABLE_SECTIONS = ("generate.", "judge.", "compare.", "flower.")
 
 
 @dataclass
@@ -78,17 +92,17 @@ def check_names(cfg: Config) -> None:
 class Federation:
     """What lives for the whole run: partition, tokenized data, the model, the strategy."""
 
-    def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
+    def __init__(
+        self, cfg: Config, progress: Progress | None = None, remote: Remote | None = None
+    ) -> None:
         check_names(cfg)
         self.cfg = cfg
         self.progress = progress or Progress(enabled=False)
-        records, report = load_records(cfg.data)
-        if report.skipped:
-            self.progress.log(
-                f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}"
-            )
-        self.partition: Partition = make_partition(records, cfg)
-        self.num_clients = len(self.partition.clients)
+        self.remote = remote
+        self.partition: Partition = self._partition()
+        # Selection weighs clients by their record counts, wherever the records live.
+        self.sizes = remote.sizes if remote else [len(c) for c in self.partition.clients]
+        self.num_clients = len(self.sizes)
         self.per_round = cfg.federation.clients_this_round(self.num_clients)
         self.device = pick_device(cfg.model)
         self.memory = check_memory(model_config(cfg.model), cfg, self.device)
@@ -119,6 +133,22 @@ class Federation:
 
             self.pool = WorkerPool(cfg, cfg.federation.workers)
 
+    def _partition(self) -> Partition:
+        """The partition, or with remote clients and no data here: no clients, no test split."""
+        try:
+            records, report = load_records(self.cfg.data)
+        except DataError as e:
+            if self.remote is None:
+                raise
+            self.progress.log(f"no data on this host ({e}); held-out evaluation is off")
+            empty = {"heterogeneity": {}, "num_test": 0}
+            return Partition(clients=[], test=[], stats=empty)
+        if report.skipped:
+            self.progress.log(
+                f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}"
+            )
+        return make_partition(records, self.cfg)
+
     def _tokenize(self, records: Any) -> tuple[list[Example], int]:
         d = self.cfg.data
         return tokenize_records(
@@ -142,14 +172,15 @@ class Federation:
             self._examples[client] = examples
         return self._examples[client]
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.eval_set.examples:
+            return None
         set_adapter(self.model, self.global_state)
         return evaluate_loss(self.model, self.eval_set, self.pad_id)
 
     def select(self, rnd: int) -> list[int]:
-        sizes = [len(c) for c in self.partition.clients]
         rule = SELECTORS.get(self.cfg.federation.selection)
-        return rule(sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
+        return rule(self.sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
 
     def train_client(
         self,
@@ -158,9 +189,12 @@ class Federation:
         slot: str,
         adapter: AdapterState | None = None,
         plan: ClientPlan | None = None,
+        data_index: int | None = None,
     ) -> Update:
         """One client's local training from the global adapter (or `adapter`, as a worker
-        process receives it) under the strategy's plan (or `plan`)."""
+        process receives it) under the strategy's plan (or `plan`). `data_index` picks the
+        partition entry holding the client's data when it differs from the client id (a node
+        that holds only its own records)."""
         rounds = self.cfg.federation.rounds
         adapter = self.global_state if adapter is None else adapter
 
@@ -170,7 +204,7 @@ class Federation:
         return train_local(
             self.model,
             adapter,
-            self.client_examples(client),
+            self.client_examples(client if data_index is None else data_index),
             self.cfg.client,
             client_id=client,
             seed=derive_seed(self.cfg.seed, "client", rnd, client),
@@ -179,8 +213,12 @@ class Federation:
             plan=plan or self.strategy.client_plan(client, adapter),
         )
 
-    def _launch(self, rnd: int, chosen: list[int]) -> list[tuple[int, Callable[[], Update]]]:
-        """(client, call that returns its update): in turn here, or all at once in the pool."""
+    def _launch(self, rnd: int, chosen: list[int]) -> Launched:
+        """(client, call that returns its update): in turn here, all at once in the pool, or
+        on the remote nodes."""
+        if self.remote is not None:
+            plans = {c: self.strategy.client_plan(c, self.global_state) for c in chosen}
+            return self.remote.launch(rnd, chosen, self.global_state, plans)
         if self.pool is None:
             n = len(chosen)
             return [
@@ -308,6 +346,7 @@ def run_federation(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    remote: Remote | None = None,
 ) -> RunResult:
     """Run FedIT (or the configured strategy) for `cfg.federation.rounds` rounds.
 
@@ -341,12 +380,12 @@ def run_federation(
                         f"--resume: the config differs from the checkpointed run in "
                         f"{sorted(diff)}; only {sorted(RESUMABLE_CHANGES)} may change"
                     )
-    fed = Federation(cfg, progress)
+    fed = Federation(cfg, progress, remote)
     try:
         stats = fed.partition.stats
-        progress.log(
-            "partition:\n" + format_stats(stats, max_rows=20 if fed.num_clients > 20 else 100)
-        )
+        if fed.partition.clients:
+            rows = 20 if fed.num_clients > 20 else 100
+            progress.log("partition:\n" + format_stats(stats, max_rows=rows))
         history: list[dict[str, Any]] = []
         metrics_path = out / "metrics.jsonl" if out else None
         start = 1
@@ -363,7 +402,8 @@ def run_federation(
             else:
                 _rewrite_metrics(metrics_path, -1)
         rounds = cfg.federation.rounds
-        if start == 1 and cfg.eval.every and cfg.eval.at_start:
+        evaluating = bool(cfg.eval.every and fed.eval_set.examples)
+        if start == 1 and evaluating and cfg.eval.at_start:
             row: dict[str, Any] = {"round": 0, "clients": [], "eval": fed.evaluate()}
             progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
             history.append(row)
@@ -372,7 +412,7 @@ def run_federation(
         for rnd in range(start, rounds + 1):
             t0 = time.perf_counter()
             row = fed.run_round(rnd)
-            if cfg.eval.every and (rnd % cfg.eval.every == 0 or rnd == rounds):
+            if evaluating and (rnd % cfg.eval.every == 0 or rnd == rounds):
                 t = time.perf_counter()
                 row["eval"] = fed.evaluate()
                 row["time"]["eval"] = time.perf_counter() - t

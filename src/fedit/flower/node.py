@@ -1,0 +1,246 @@
+"""The node worker: one long-lived process per node and run that holds the base model.
+
+Flower's deployment engine starts a fresh `flwr-clientapp` process for every message, so a
+ClientApp that loaded the model itself would load it again every round. fedit's ClientApp is a
+thin shim instead: it hands each task over a local, authenticated Unix socket to this worker,
+which the first message of a run starts and which keeps the model, the tokenized local data and
+the same `Federation.train_client` (hence `train_local`) as the simulation for the whole run.
+The worker exits when the server says the run is over, when the SuperNode that started it is
+gone, or after `flower.worker_idle_timeout` idle seconds.
+
+This module is imported by the shim: torch and the model stay out of its top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+SPAWN_TIMEOUT = 600.0
+
+
+def socket_path(node_id: int, run_id: int, node_config: dict[str, Any]) -> Path:
+    base = Path(str(node_config.get("work-dir") or tempfile.gettempdir()))
+    tag = hashlib.sha256(f"{node_id}:{run_id}".encode()).hexdigest()[:16]
+    return base / f"fedit-node-{tag}.sock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def connect(
+    node_id: int, run_id: int, node_config: dict[str, Any], idle_timeout: float
+) -> Connection:
+    """A connection to this node's worker for the run, starting the worker if needed."""
+    sock = socket_path(node_id, run_id, node_config)
+    key_file = sock.with_suffix(".key")
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    with open(sock.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one spawner per node at a time
+        if sock.exists() and key_file.exists():
+            try:
+                return Client(str(sock), family="AF_UNIX", authkey=key_file.read_bytes())
+            except (ConnectionRefusedError, FileNotFoundError, OSError):
+                sock.unlink(missing_ok=True)  # a worker that died left its socket behind
+        key = secrets.token_bytes(32)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        log = sock.with_suffix(".log")
+        # The SuperNode's SuperExec outlives each flwr-clientapp: the worker watches it.
+        watch = os.getppid()
+        cmd = [sys.executable, "-m", "fedit.flower.node", "--socket", str(sock),
+               "--watch-pid", str(watch), "--idle-timeout", str(idle_timeout)]  # fmt: skip
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"fedit node worker exited ({proc.returncode}): {tail}")
+            if sock.exists():
+                try:
+                    return Client(str(sock), family="AF_UNIX", authkey=key)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
+            time.sleep(0.1)
+        proc.kill()
+        raise RuntimeError(f"fedit node worker did not start within {SPAWN_TIMEOUT:.0f}s")
+
+
+def call(conn: Connection, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    try:
+        conn.send((kind, payload))
+        status, reply = conn.recv()
+    finally:
+        conn.close()
+    if status != "ok":
+        raise RuntimeError(reply)
+    return dict(reply)
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+class NodeState:
+    """What the worker keeps for the run: the config, the Federation view of its data."""
+
+    def __init__(self) -> None:
+        self.fed: Any = None
+        self.config_json = ""
+        self.client_id = 0
+        self.data_index = 0
+        self.num_records = 0
+        self.model_loads = 0
+
+    def setup(self, config_json: str, node_config: dict[str, Any]) -> None:
+        if self.fed is not None:
+            if config_json != self.config_json:
+                raise RuntimeError("the run's config changed under a running node worker")
+            return
+        import torch
+
+        from fedit.config import config_from_dict
+        from fedit.simulation import Federation
+
+        cfg = config_from_dict(json.loads(config_json))
+        cfg.federation.workers = 1
+        data_path = node_config.get("data-path")
+        if data_path:
+            # A node with only its own records: they are one client here, the id comes from
+            # the node config (it seeds the client's training).
+            cfg.data.path = str(data_path)
+            cfg.data.test_per_category = 0
+            cfg.data.max_records = 0
+            cfg.partition.method = "iid"
+            cfg.partition.num_clients = 1
+            cfg.partition.only = []
+            cfg.partition.pooled = False
+            self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
+            self.data_index = 0
+        else:
+            if "partition-id" not in node_config:
+                raise RuntimeError(
+                    "node config needs 'partition-id' (a client of the config's partition) or "
+                    "'data-path' (this node's own records, with 'client-id')"
+                )
+            self.client_id = self.data_index = int(node_config["partition-id"])
+        cfg.eval.every = 0
+        if cfg.model.threads:
+            torch.set_num_threads(cfg.model.threads)
+        self.fed = Federation(cfg)
+        self.model_loads += 1
+        self.config_json = config_json
+        if not 0 <= self.data_index < len(self.fed.partition.clients):
+            raise RuntimeError(
+                f"partition-id {self.data_index} is not a client of the partition "
+                f"(0..{len(self.fed.partition.clients) - 1})"
+            )
+        self.num_records = len(self.fed.partition.clients[self.data_index])
+
+    def hello(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.setup(p["config"], p["node_config"])
+        return {
+            "client": self.client_id,
+            "records": self.num_records,
+            "model_loads": self.model_loads,
+            "pid": os.getpid(),
+        }
+
+    def train(self, p: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from fedit.client import ClientPlan
+
+        self.setup(p["config"], p["node_config"])
+        adapter = {k: torch.from_numpy(v) for k, v in p["adapter"].items()}
+        correction = p.get("correction")
+        plan = ClientPlan(
+            prox_mu=p["prox_mu"],
+            correction={k: torch.from_numpy(v) for k, v in correction.items()}
+            if correction
+            else None,
+            train_lora_A=p["train_lora_A"],
+            rank=p["rank"],
+        )
+        if p["client"] != self.client_id:
+            raise RuntimeError(f"task for client {p['client']} reached client {self.client_id}")
+        update = self.fed.train_client(
+            p["round"], self.client_id, "node", adapter, plan, data_index=self.data_index
+        )
+        return {
+            "adapter": {k: v.numpy() for k, v in update.state.items()},
+            "num_examples": update.num_examples,
+            "num_steps": update.num_steps,
+            "metrics": {**update.metrics, "model_loads": float(self.model_loads)},
+        }
+
+
+def serve(sock: Path, watch_pid: int, idle_timeout: float) -> None:
+    key = sock.with_suffix(".key").read_bytes()
+    state = NodeState()
+    listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+    last = time.monotonic()
+    try:
+        while True:
+            # Poll with a short accept timeout so a vanished SuperNode or idleness ends us.
+            listener._listener._socket.settimeout(1.0)  # type: ignore[attr-defined]
+            try:
+                conn = listener.accept()
+            except TimeoutError:
+                if not _alive(watch_pid) or time.monotonic() - last > idle_timeout:
+                    return
+                continue
+            except Exception:  # a peer without the key, or one that hung up mid-handshake
+                continue
+            last = time.monotonic()
+            with conn:
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                if kind == "stop":
+                    conn.send(("ok", {"model_loads": state.model_loads}))
+                    return
+                try:
+                    handler = {"hello": state.hello, "train": state.train}[kind]
+                    conn.send(("ok", handler(payload)))
+                except Exception as e:
+                    conn.send(("error", f"{type(e).__name__}: {e}"))
+            last = time.monotonic()
+    finally:
+        listener.close()
+        sock.unlink(missing_ok=True)
+        sock.with_suffix(".key").unlink(missing_ok=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="fedit node worker (started by the ClientApp)")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--watch-pid", type=int, required=True)
+    p.add_argument("--idle-timeout", type=float, default=1800.0)
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    serve(Path(args.socket), args.watch_pid, args.idle_timeout)
+
+
+if __name__ == "__main__":
+    main()
