@@ -164,9 +164,10 @@ class FlowerClients:
             sizes[client] = int(info["records"])
         absent = sorted(set(range(want)) - set(sizes))
         if absent:
+            why = "; ".join(f"node {n}: {r}" for n, r in missing.items())
             raise RuntimeError(
                 f"no node holds clients {absent} of partition.num_clients={want}; "
-                f"connected clients: {sorted(sizes)}"
+                f"connected clients: {sorted(sizes)}" + (f" ({why})" if why else "")
             )
         self.progress.log(f"clients on nodes: {dict(sorted(self.node_of.items()))}")
         return [sizes[c] for c in range(want)]

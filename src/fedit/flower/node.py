@@ -134,6 +134,7 @@ class NodeState:
             cfg.partition.num_clients = 1
             cfg.partition.only = []
             cfg.partition.pooled = False
+            cfg.federation.clients_per_round = 1
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
             self.data_index = 0
         else:

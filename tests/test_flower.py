@@ -1,0 +1,170 @@
+"""Real Flower processes on loopback: SuperLink, SuperNodes, the fedit app (tiny model)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fedit.cli import main
+from fedit.config import to_toml
+from fedit.flower.launch import descendants, free_port, wait_health
+from fedit.lora import load_adapter_state
+from fedit.simulation import run_federation
+from tests.conftest import make_rows, tiny_config, write_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def _config(tmp_path: Path, **sections: dict) -> tuple[Path, object]:
+    data = write_jsonl(tmp_path / "data.jsonl", make_rows(16))
+    cfg = tiny_config(data, **sections)
+    path = tmp_path / "fed.toml"
+    path.write_text(to_toml(cfg))
+    return path, cfg
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def _started_here() -> list[int]:
+    return [p for p in descendants(os.getpid())]
+
+
+def test_federate_two_nodes_equals_simulation(tmp_path: Path) -> None:
+    path, cfg = _config(tmp_path, partition={"num_clients": 2}, federation={"rounds": 2})
+    out = tmp_path / "flower-run"
+    before = set(_started_here())
+    assert main(["federate", str(path), "--nodes", "2", "--out", str(out)]) == 0
+    sim = run_federation(cfg, tmp_path / "sim")  # type: ignore[arg-type]
+    got = load_adapter_state(out / "adapter")
+    assert set(got) == set(sim.adapter)
+    for k, v in sim.adapter.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    # The base model is loaded once per node per run, however many rounds the node trains.
+    loads = [c["model_loads"] for r in rows[1:] for c in r["client_metrics"]]
+    assert loads and all(n == 1.0 for n in loads)
+    pids = json.loads((out / "flower" / "pids.json").read_text())
+    assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= set(pids)
+    time.sleep(1.0)
+    assert not _alive(list(pids.values()))
+    assert set(_alive(_started_here())) <= before  # no helper, node worker or app left over
+
+
+def test_node_killed_mid_run_is_recorded_and_run_finishes(tmp_path: Path) -> None:
+    path, _ = _config(
+        tmp_path,
+        partition={"num_clients": 3},
+        federation={"rounds": 3, "clients_per_round": 3, "min_clients": 1},
+        flower={"round_timeout": 90.0},
+    )
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_round_one() -> None:
+        metrics, pids_file = out / "metrics.jsonl", out / "flower" / "pids.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rounds = [json.loads(x)["round"] for x in
+                      (metrics.read_text().splitlines() if metrics.exists() else [])]  # fmt: skip
+            if 1 in rounds and pids_file.exists():
+                pid = json.loads(pids_file.read_text())["supernode-2"]
+                os.killpg(pid, signal.SIGKILL)  # the node and everything it started
+                killed.append(pid)
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=kill_after_round_one)
+    watcher.start()
+    assert main(["federate", str(path), "--out", str(out)]) == 0
+    watcher.join()
+    assert killed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["accepted"] == [0, 1, 2]
+    for r in rows[2:]:
+        assert r["accepted"] == [0, 1]
+        (fault,) = r["faults"]
+        assert fault["client"] == 2 and fault["reason"]
+
+
+def test_tls_auth_deployment_as_documented(tmp_path: Path) -> None:
+    """The README's multi-host steps on loopback: an unregistered node is refused, a
+    registered one (serving its own partition file) trains."""
+    path, _ = _config(
+        tmp_path, partition={"num_clients": 1}, federation={"rounds": 1, "clients_per_round": 1}
+    )
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    pki, parts, app, out = (tmp_path / n for n in ("pki", "parts", "app", "run"))
+    assert main(["flower-certs", str(pki), "--nodes", "2"]) == 0
+    assert main(["partition", str(path), "--out", str(parts)]) == 0
+    port = free_port()
+    assert main(["flower-app", str(path), "--app", str(app), "--out", str(out),
+                 "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(pki / "ca.crt")]) == 0  # fmt: skip
+    env["FLWR_HOME"] = str(app / "flwr-home")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+        f = (tmp_path / log).open("wb")
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+        procs.append(p)
+        return p
+
+    try:
+        link = start([str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+                      "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "server.crt"),
+                      "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
+                      "--disable-runtime-dependency-installation"], "superlink.log")  # fmt: skip
+        wait_health(port, link, pki / "ca.crt")
+        reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pki / "node-0.pub"),
+                              "fedit-local"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+
+        def node(key: str, log: str) -> subprocess.Popen[bytes]:
+            node_cfg = f'data-path="{parts / "clients" / "client_0000.jsonl"}" client-id=0'
+            return start([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                          "--root-certificates", str(pki / "ca.crt"),
+                          "--auth-supernode-private-key", str(pki / key),
+                          "--port", str(free_port()), "--node-config", node_cfg, "--max-retries", "2"],
+                         log)  # fmt: skip
+
+        stranger = node("node-1", "stranger.log")  # key never registered
+        assert stranger.wait(timeout=120) != 0
+        node("node-0", "node0.log")
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "fedit-local", "--stream"],
+                             env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["history"][-1]["accepted"] == [0]
+    finally:
+        for p in reversed(procs):
+            tree = descendants(p.pid)
+            for pid in [p.pid, *tree]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+    assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text(errors="replace")
+    link_log = (tmp_path / "superlink.log").read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in link_log  # refused: unregistered
