@@ -37,13 +37,18 @@ def socket_path(node_id: int, run_id: int, node_config: dict[str, Any]) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(0)
+    return state != "Z"
 
 
 def connect(
