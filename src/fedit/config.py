@@ -441,6 +441,47 @@ class FlowerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    clip_norm: float = opt(
+        0.0,
+        "DP-FedAvg: clip each client's update delta to this L2 norm (0 = no differential "
+        "privacy). Needs federation.strategy='fedavg' and lora_aggregation 'naive' or 'ffa'.",
+    )
+    noise_multiplier: float = opt(
+        0.0, "DP-FedAvg: Gaussian noise std on the sum of clipped deltas, in units of clip_norm."
+    )
+    delta: float = opt(1e-5, "DP: the delta at which epsilon is reported.")
+    epsilon_budget: float = opt(
+        0.0, "DP: stop (or warn) before epsilon would exceed this; 0 = none."
+    )
+    on_budget: Literal["stop", "warn"] = opt("stop", "DP: what reaching epsilon_budget does.")
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm >= 0, "privacy.clip_norm", "must be >= 0")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0")
+        if self.noise_multiplier > 0:
+            _check(self.clip_norm > 0, "privacy.noise_multiplier", "needs privacy.clip_norm > 0")
+
+
+@dataclass
+class CompressionConfig:
+    method: Literal["none", "fp16", "int8", "int4", "topk"] = opt(
+        "none", "Upload encoding of each client's update delta."
+    )
+    block_size: int = opt(64, "int8 / int4: values per quantization block (one fp16 scale each).")
+    topk_ratio: float = opt(0.1, "topk: fraction of each tensor's entries sent.")
+    error_feedback: bool = opt(
+        True, "Clients keep what compression dropped and add it to their next delta."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 1, "compression.block_size", "must be >= 1")
+        _check(0 < self.topk_ratio <= 1, "compression.topk_ratio", "must be in (0, 1]")
+
+
+@dataclass
 class Config:
     seed: int = opt(42, "Run seed; every random choice derives from it and the round.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -456,6 +497,8 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         s = self.strategy
@@ -463,6 +506,14 @@ class Config:
             raise ConfigError(
                 "lora.client_ranks: heterogeneous ranks need strategy.lora_aggregation='svd' "
                 f"(got {s.lora_aggregation!r})"
+            )
+        if self.privacy.clip_norm and (
+            self.federation.strategy != "fedavg" or s.lora_aggregation == "svd"
+        ):
+            raise ConfigError(
+                "privacy.clip_norm: DP-FedAvg replaces the aggregation; it needs "
+                "federation.strategy='fedavg' with strategy.lora_aggregation 'naive' or 'ffa' "
+                f"(got {self.federation.strategy!r}, {s.lora_aggregation!r})"
             )
         if s.lora_aggregation == "svd" and s.robust != "mean":
             raise ConfigError(

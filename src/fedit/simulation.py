@@ -11,6 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from fedit import __version__
 from fedit.checkpoint import (
     interrupts_deferred,
@@ -20,6 +22,7 @@ from fedit.checkpoint import (
     save_checkpoint,
 )
 from fedit.client import ClientPlan, Update, train_local
+from fedit.compression import Codec
 from fedit.config import Config, ConfigError, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, make_partition
 from fedit.data.prompts import TEMPLATES, Example, tokenize_records
@@ -36,6 +39,7 @@ from fedit.lora import (
     state_bytes,
 )
 from fedit.models import autocast_dtype, load_model, model_config, pick_device
+from fedit.privacy import Accountant, clip, gaussian_noise
 from fedit.progress import Progress, summary_table
 from fedit.registry import Registry
 from fedit.resources import check_memory
@@ -113,6 +117,15 @@ class Federation:
         self.model.fedit_autocast = autocast_dtype(cfg.model, self.device)
         self.global_state: AdapterState = get_adapter(self.model)
         self.strategy = build_strategy(cfg, self.num_clients)
+        comp = cfg.compression
+        self.codec = Codec(comp.method, comp.block_size, comp.topk_ratio)
+        self._residuals: dict[int, AdapterState] = {}  # error feedback, held for each client
+        self.full_model_bytes = sum(p.numel() * 4 for p in self.model.parameters())
+        self.accountant: Accountant | None = None
+        if cfg.privacy.clip_norm and cfg.privacy.noise_multiplier:
+            self.accountant = Accountant(
+                cfg.privacy.noise_multiplier, self.per_round / self.num_clients, cfg.privacy.delta
+            )
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._examples: dict[int, list[Example]] = {}
         test, dropped = self._tokenize(self.partition.test)
@@ -201,7 +214,7 @@ class Federation:
         def on_step(step: int, total: int, loss: float) -> None:
             self.progress.step(rnd, rounds, slot, client, step, total, loss)
 
-        return train_local(
+        update = train_local(
             self.model,
             adapter,
             self.client_examples(client if data_index is None else data_index),
@@ -212,6 +225,66 @@ class Federation:
             on_step=on_step,
             plan=plan or self.strategy.client_plan(client, adapter),
         )
+        return self._compress(update, adapter)
+
+    def _compress(self, update: Update, adapter: AdapterState) -> Update:
+        """The client side of compression: what the server receives is global + decoded delta."""
+        if self.codec.method == "none":
+            update.metrics["bytes_up"] = float(state_bytes(update.state))
+            return update
+        delta = {k: v.float() - adapter[k].float() for k, v in update.state.items()}
+        keep = self.cfg.compression.error_feedback
+        residual = self._residuals.get(update.client_id) if keep else None
+        _, sent, left, nbytes = self.codec.compress(delta, residual)
+        if keep:
+            self._residuals[update.client_id] = left
+        update.state = {
+            k: (adapter[k].float() + sent[k]).to(v.dtype) for k, v in update.state.items()
+        }
+        update.metrics["bytes_up"] = float(nbytes)
+        return update
+
+    def _dp_aggregate(self, rnd: int, updates: list[Update]) -> dict[str, Any]:
+        """DP-FedAvg: clipped deltas, equal weights over the round's sample, Gaussian noise."""
+        p = self.cfg.privacy
+        g = self.global_state
+        total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in g.items()}
+        norms = []
+        for u in updates:
+            clipped, norm = clip({k: u.state[k].double() - g[k].double() for k in g}, p.clip_norm)
+            norms.append(norm)
+            for k, v in clipped.items():
+                total[k] += v
+        std = p.noise_multiplier * p.clip_norm
+        if std:
+            # FFA-LoRA never changes A: no noise there, the whole budget goes to B.
+            noisy = [
+                k for k in g if not (self.cfg.strategy.lora_aggregation == "ffa" and "lora_A" in k)
+            ]
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "dp-noise", rnd))
+            for k, v in gaussian_noise({k: g[k] for k in noisy}, std, gen).items():
+                total[k] += v.double()
+        m = self.per_round  # fixed denominator: one client changes the mean by <= clip/m
+        self.global_state = {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
+        row: dict[str, Any] = {
+            "clip_norm": p.clip_norm,
+            "update_norms": norms,
+            "clipped": sum(n > p.clip_norm for n in norms),
+            "noise_std_of_mean": std / m,
+        }
+        if self.accountant is not None:
+            self.accountant.step()
+            row.update(epsilon=self.accountant.epsilon(), delta=p.delta)
+        return row
+
+    def epsilon_after_next_round(self) -> float | None:
+        if self.accountant is None:
+            return None
+        probe = Accountant(self.accountant.noise_multiplier, self.accountant.sample_rate,
+                           self.accountant.delta)  # fmt: skip
+        probe.load_state_dict(self.accountant.state_dict())
+        probe.step()
+        return probe.epsilon()
 
     def _launch(self, rnd: int, chosen: list[int]) -> Launched:
         """(client, call that returns its update): in turn here, all at once in the pool, or
@@ -275,28 +348,38 @@ class Federation:
                 + "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
             )
         t1 = time.perf_counter()
-        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        privacy = None
+        if self.cfg.privacy.clip_norm:
+            privacy = self._dp_aggregate(rnd, updates)
+        else:
+            self.global_state = self.strategy.aggregate(self.global_state, updates)
         t2 = time.perf_counter()
         n = sum(u.num_examples for u in updates)
-        return {
+        up = [u.metrics.get("bytes_up", state_bytes(u.state)) for u in updates]
+        down = state_bytes(self.global_state)
+        row = {
             "round": rnd,
             "clients": chosen,
             "accepted": [u.client_id for u in updates],
             "faults": faults,
             "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
             "client_metrics": [
-                {
-                    "client": u.client_id,
-                    "examples": u.num_examples,
-                    "bytes_up": state_bytes(u.state),
-                    **u.metrics,
-                }
-                for u in updates
+                {"client": u.client_id, "examples": u.num_examples, **u.metrics} for u in updates
             ],
-            "bytes_up_per_client": sum(state_bytes(u.state) for u in updates) / len(updates),
-            "bytes_down_per_client": state_bytes(self.global_state),
+            "bytes_up_per_client": sum(up) / len(up),
+            "bytes_down_per_client": down,
+            # What a round costs on the wire, against sending fp32 adapters or the full model.
+            "bytes": {
+                "up_total": sum(up),
+                "down_total": down * len(chosen),
+                "fp32_adapter": state_bytes(self.global_state),
+                "full_model": self.full_model_bytes,
+            },
             "time": {"train": t1 - t0, "aggregate": t2 - t1},
         }
+        if privacy is not None:
+            row["privacy"] = privacy
+        return row
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -396,6 +479,11 @@ def run_federation(
             if ckpt is not None:
                 fed.global_state = ckpt.adapter
                 fed.strategy.load_state_dict(ckpt.strategy_state)
+                if fed.accountant is not None:  # one Gaussian-mechanism step per round
+                    a = fed.accountant
+                    a.load_state_dict(
+                        {"history": [(a.noise_multiplier, a.sample_rate, ckpt.round)]}
+                    )
                 start = ckpt.round + 1
                 history = _rewrite_metrics(metrics_path, ckpt.round, ckpt.run_state.get("metrics"))
                 progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
@@ -409,7 +497,20 @@ def run_federation(
             history.append(row)
             if metrics_path:
                 _append_jsonl(metrics_path, row)
+        stopped_at = None
         for rnd in range(start, rounds + 1):
+            budget = cfg.privacy.epsilon_budget
+            eps_next = fed.epsilon_after_next_round()
+            if budget and eps_next is not None and eps_next > budget:
+                note = (
+                    f"round {rnd} would spend epsilon {eps_next:.3f} > "
+                    f"privacy.epsilon_budget={budget:g} (delta {cfg.privacy.delta:g})"
+                )
+                if cfg.privacy.on_budget == "stop":
+                    progress.log(f"stopping: {note}; the adapter of round {rnd - 1} is final")
+                    stopped_at = rnd - 1
+                    break
+                progress.log(f"warning: {note}")
             t0 = time.perf_counter()
             row = fed.run_round(rnd)
             if evaluating and (rnd % cfg.eval.every == 0 or rnd == rounds):
@@ -445,11 +546,28 @@ def run_federation(
                 f"round {rnd}/{rounds} done: clients {row['clients']} train loss "
                 f"{row['train_loss']:.4f}"
                 + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+                + (
+                    f", epsilon {row['privacy']['epsilon']:.3f}"
+                    if "epsilon" in row.get("privacy", {})
+                    else ""
+                )
                 + f" ({row['seconds']:.1f}s)"
             )
         if out:
             save_adapter(fed.model, fed.global_state, out / "adapter")
-            summary = {"rounds": rounds, "history": history, "partition": stats["heterogeneity"]}
+            summary: dict[str, Any] = {
+                "rounds": rounds,
+                "history": history,
+                "partition": stats["heterogeneity"],
+            }
+            if fed.accountant is not None:
+                summary["privacy"] = {
+                    "epsilon": fed.accountant.epsilon(), "delta": cfg.privacy.delta,
+                    "noise_multiplier": cfg.privacy.noise_multiplier,
+                    "clip_norm": cfg.privacy.clip_norm, "stopped_after_round": stopped_at,
+                }  # fmt: skip
+                progress.log(f"privacy: epsilon {summary['privacy']['epsilon']:.3f} at delta "
+                             f"{cfg.privacy.delta:g}")  # fmt: skip
             _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return RunResult(fed.global_state, history, stats, out)
     finally:

@@ -1,0 +1,95 @@
+"""Tables for docs/communication.md and docs/privacy.md: held-out loss against bytes on the
+wire for each update compressor, and against epsilon for a few DP noise levels.
+
+    python benchmarks/privacy_comm.py configs/privacy_comm.toml --out runs/privacy-comm
+
+Every variant is an ordinary run folder under --out (resumable; a finished one is reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedit.config import load_config
+from fedit.progress import Progress
+from fedit.simulation import run_federation
+
+COMPRESSORS = [
+    ("fp32 (none)", ["compression.method='none'"]),
+    ("fp16", ["compression.method='fp16'"]),
+    ("int8 + EF", ["compression.method='int8'"]),
+    ("int4 + EF", ["compression.method='int4'"]),
+    ("top-10% + EF", ["compression.method='topk'", "compression.topk_ratio=0.1"]),
+]
+
+
+def _run(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    cfg = load_config(config, overrides)
+    result = run_federation(cfg, out, resume=True, progress=Progress())
+    rows = [h for h in result.history if h["round"] > 0]
+    last = next(h["eval"] for h in reversed(result.history) if h.get("eval"))
+    return {
+        "loss": last["loss"],
+        "up": statistics.fmean(r["bytes_up_per_client"] for r in rows),
+        "down": rows[-1]["bytes_down_per_client"],
+        "up_total": sum(r["bytes"]["up_total"] for r in rows),
+        "fp32": rows[-1]["bytes"]["fp32_adapter"],
+        "full": rows[-1]["bytes"]["full_model"],
+        "privacy": rows[-1].get("privacy"),
+        "norms": [n for r in rows for n in r.get("privacy", {}).get("update_norms", [])],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("--out", default="runs/privacy-comm")
+    p.add_argument("--table", choices=["compression", "privacy", "both"], default="both")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    p.add_argument("--clip", type=float, default=0.05, help="privacy.clip_norm")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    out = Path(args.out)
+    base = _run(args.config, [*args.overrides, "compression.method='none'"], out / "none")
+    if args.table in ("compression", "both"):
+        print(
+            "| upload | bytes up per client per round | vs fp32 adapter | vs full model "
+            "| held-out loss | vs fp32 |"
+        )
+        print("|---|---|---|---|---|---|")
+        for name, sets in COMPRESSORS:
+            tag = sets[0].split("=")[1].strip("'")
+            r = base if tag == "none" else _run(args.config, [*args.overrides, *sets], out / tag)
+            print(
+                f"| {name} | {r['up']:,.0f} | {r['fp32'] / r['up']:.2f}x fewer "
+                f"| {100 * (1 - r['up'] / r['full']):.2f}% saved | {r['loss']:.4f} "
+                f"| {100 * (r['loss'] / base['loss'] - 1):+.2f}% |"
+            )
+        print(
+            f"\nfull model (fp32): {base['full']:,} bytes; fp32 adapter: {base['fp32']:,} bytes; "
+            f"download per client per round (fp32 global adapter): {base['down']:,} bytes\n"
+        )
+    if args.table in ("privacy", "both"):
+        print(
+            "| noise multiplier | clip norm | epsilon (delta 1e-5) | updates clipped "
+            "| held-out loss | vs no DP |"
+        )
+        print("|---|---|---|---|---|---|")
+        print(f"| no DP | – | ∞ | – | {base['loss']:.4f} | – |")
+        for sigma in args.noise:
+            sets = [f"privacy.clip_norm={args.clip}", f"privacy.noise_multiplier={sigma}"]
+            r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}")
+            clipped = sum(n > args.clip for n in r["norms"]) / max(len(r["norms"]), 1)
+            norm = statistics.median(r["norms"]) if r["norms"] else float("nan")
+            print(
+                f"| {sigma:g} | {args.clip:g} | {r['privacy']['epsilon']:.2f} "
+                f"| {100 * clipped:.0f}% (median norm {norm:.3f}) | {r['loss']:.4f} "
+                f"| {100 * (r['loss'] / base['loss'] - 1):+.2f}% |"
+            )
+
+
+if __name__ == "__main__":
+    main()
