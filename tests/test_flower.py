@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedit.cli import main
@@ -48,8 +49,15 @@ def _started_here() -> list[int]:
     return [p for p in descendants(os.getpid())]
 
 
-def test_federate_two_nodes_equals_simulation(tmp_path: Path) -> None:
-    path, cfg = _config(tmp_path, partition={"num_clients": 2}, federation={"rounds": 2})
+@pytest.mark.parametrize("method", ["none", "int8"])
+def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> None:
+    """Also with compression: the encoded delta travels and the server decodes it."""
+    path, cfg = _config(
+        tmp_path,
+        partition={"num_clients": 2},
+        federation={"rounds": 2},
+        compression={"method": method},
+    )
     out = tmp_path / "flower-run"
     before = set(_started_here())
     assert main(["federate", str(path), "--nodes", "2", "--out", str(out)]) == 0
@@ -63,6 +71,12 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path) -> None:
     # The base model is loaded once per node per run, however many rounds the node trains.
     loads = [c["model_loads"] for r in rows[1:] for c in r["client_metrics"]]
     assert loads and all(n == 1.0 for n in loads)
+    sim_rows = [
+        json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["bytes_up_per_client"] for r in rows[1:]] == [
+        r["bytes_up_per_client"] for r in sim_rows[1:]
+    ]
     pids = json.loads((out / "flower" / "pids.json").read_text())
     assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= set(pids)
     time.sleep(1.0)

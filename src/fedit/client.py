@@ -46,6 +46,8 @@ class Update:
     num_examples: int
     num_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # With update compression: the encoded delta per tensor, what actually travels over Flower.
+    wire: dict[str, dict[str, Any]] | None = None
 
 
 def train_local(

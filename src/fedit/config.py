@@ -507,6 +507,15 @@ class Config:
                 "lora.client_ranks: heterogeneous ranks need strategy.lora_aggregation='svd' "
                 f"(got {s.lora_aggregation!r})"
             )
+        lossy = self.compression.method not in ("none", "fp16")
+        if lossy and self.compression.error_feedback and self.federation.workers > 1:
+            raise ConfigError(
+                "compression.error_feedback keeps each client's residual in the process that "
+                "trains it; with federation.workers > 1 a client moves between processes: "
+                "set federation.workers=1 or compression.error_feedback=false"
+            )
+        if self.compression.method != "none" and self.lora.client_ranks:
+            raise ConfigError("compression.method: not supported with lora.client_ranks")
         if self.privacy.clip_norm and (
             self.federation.strategy != "fedavg" or s.lora_aggregation == "svd"
         ):

@@ -235,7 +235,8 @@ class Federation:
         delta = {k: v.float() - adapter[k].float() for k, v in update.state.items()}
         keep = self.cfg.compression.error_feedback
         residual = self._residuals.get(update.client_id) if keep else None
-        _, sent, left, nbytes = self.codec.compress(delta, residual)
+        wires, sent, left, nbytes = self.codec.compress(delta, residual)
+        update.wire = wires
         if keep:
             self._residuals[update.client_id] = left
         update.state = {

@@ -78,7 +78,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = node.call(_worker(context, msg), "train", payload)
     metrics: dict[str, Any] = {k: float(v) for k, v in reply["metrics"].items()}
     metrics.update(num_examples=float(reply["num_examples"]), num_steps=float(reply["num_steps"]))
-    content = RecordDict({"adapter": _arrays(reply["adapter"]), "metrics": MetricRecord(metrics)})
+    key = "wire" if "wire" in reply else "adapter"
+    content = RecordDict({key: _arrays(reply[key]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
@@ -178,6 +179,10 @@ class FlowerClients:
         import torch
 
         from fedit.client import Update
+        from fedit.compression import Codec
+
+        comp = self.cfg.compression
+        codec = Codec(comp.method, comp.block_size, comp.topk_ratio)
 
         online = set(self.grid.get_node_ids())
         messages, reasons = [], {}
@@ -217,10 +222,20 @@ class FlowerClients:
                     raise RuntimeError(reasons[c])
                 reply = replies[self.node_of[c]]
                 m: dict[str, Any] = dict(reply.content["metrics"])
-                state = {
-                    k: torch.from_numpy(v.copy())
-                    for k, v in _numpy(reply.content["adapter"]).items()
-                }
+                if "wire" in reply.content:  # an encoded delta: decode onto the global adapter
+                    parts: dict[str, dict[str, np.ndarray]] = {}
+                    for name, arr in _numpy(reply.content["wire"]).items():
+                        k, part = name.rsplit("::", 1)
+                        parts.setdefault(k, {})[part] = arr
+                    state = {
+                        k: (adapter[k].float() + codec.decode(w, tuple(adapter[k].shape))).to(
+                            adapter[k].dtype
+                        )
+                        for k, w in parts.items()
+                    }
+                else:
+                    arrays = _numpy(reply.content["adapter"])
+                    state = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
                 return Update(
                     client_id=c,
                     state=state,

@@ -192,6 +192,15 @@ class NodeState:
         update = self.fed.train_client(
             p["round"], self.client_id, "node", adapter, plan, data_index=self.data_index
         )
+        if update.wire is not None:  # the encoded delta travels, not the decoded adapter
+            return {
+                "wire": {
+                    f"{k}::{part}": a for k, w in update.wire.items() for part, a in w.items()
+                },
+                "num_examples": update.num_examples,
+                "num_steps": update.num_steps,
+                "metrics": {**update.metrics, "model_loads": float(self.model_loads)},
+            }
         return {
             "adapter": {k: v.numpy() for k, v in update.state.items()},
             "num_examples": update.num_examples,
