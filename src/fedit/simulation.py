@@ -79,6 +79,14 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
+def eval_subset(examples: list[Example], cfg: Config) -> list[Example]:
+    """`eval.max_examples` test examples, the same ones every round and in `fedit eval`."""
+    if cfg.eval.max_examples and len(examples) > cfg.eval.max_examples:
+        keep = generator(cfg.seed, "eval-subset").permutation(len(examples))
+        return [examples[i] for i in sorted(keep[: cfg.eval.max_examples])]
+    return examples
+
+
 def check_names(cfg: Config) -> None:
     """Every registered name in the config resolves, before any data or model is loaded."""
     checks: list[tuple[str, Registry[Any], str]] = [
@@ -134,12 +142,7 @@ class Federation:
                 f"{dropped} test examples dropped: their response starts past "
                 f"data.cutoff_len={cfg.data.cutoff_len}"
             )
-        if cfg.eval.max_examples and len(test) > cfg.eval.max_examples:
-            keep = generator(cfg.seed, "eval-subset").permutation(len(test))[
-                : cfg.eval.max_examples
-            ]
-            test = [test[i] for i in sorted(keep)]
-        self.eval_set = EvalSet.build(test, cfg.eval.micro_batch_size)
+        self.eval_set = EvalSet.build(eval_subset(test, cfg), cfg.eval.micro_batch_size)
         self.pool: WorkerPool | None = None
         if cfg.federation.workers > 1:
             from fedit.workers import WorkerPool
@@ -475,8 +478,8 @@ def run_federation(
         start = 1
         if out and metrics_path:
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_text(out / "config.toml", to_toml(cfg))
-            _atomic_text(out / "partition_stats.json", json.dumps(stats, indent=1) + "\n")
+            atomic_text(out / "config.toml", to_toml(cfg))
+            atomic_text(out / "partition_stats.json", json.dumps(stats, indent=1) + "\n")
             if ckpt is not None:
                 fed.global_state = ckpt.adapter
                 fed.strategy.load_state_dict(ckpt.strategy_state)
@@ -569,13 +572,15 @@ def run_federation(
                 }  # fmt: skip
                 progress.log(f"privacy: epsilon {summary['privacy']['epsilon']:.3f} at delta "
                              f"{cfg.privacy.delta:g}")  # fmt: skip
-            _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+            atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return RunResult(fed.global_state, history, stats, out)
     finally:
         fed.close()
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -18,7 +18,6 @@ one resumes from its last checkpoint. Answers and judgments are cached the same 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,10 @@ from fedit.evaluate.scoring import (
     loss_on,
 )
 from fedit.inference import load_for_inference, use_adapter
-from fedit.lora import load_adapter_state
+from fedit.lora import get_adapter, load_adapter_state
 from fedit.progress import Progress
 from fedit.seeding import generator
-from fedit.simulation import run_federation
+from fedit.simulation import atomic_text, run_federation
 
 
 def variant(cfg: Config, **sections: dict[str, Any]) -> Config:
@@ -101,7 +100,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
         raise ConfigError("compare: eval.every=0 leaves the arms without a held-out loss")
     arms = list(dict.fromkeys(cfg.compare.arms))
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "config.toml", to_toml(cfg))
+    atomic_text(out / "config.toml", to_toml(cfg))
     records, _ = load_records(cfg.data)
     partition = make_partition(records, cfg)
     num_clients = len(partition.clients)
@@ -159,7 +158,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     loaded = load_for_inference(cfg, None)
     gen_records = generation_subset(partition.test, cfg.generate.per_category, cfg.seed)
     embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and gen_records else None
-    base_state = {k: v.clone() for k, v in _current(loaded).items()}
+    base_state = get_adapter(loaded.model)  # LoRA's B is zero here: the base model
 
     def score(label: str, adapter: Path | None) -> dict[str, Any]:
         use_adapter(loaded, load_adapter_state(adapter) if adapter else base_state, adapter)
@@ -186,7 +185,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             base_eval = json.loads(base_cache.read_text(encoding="utf-8"))
         else:
             base_eval = loss_on(loaded, partition.test)
-            _atomic(base_cache, json.dumps(base_eval) + "\n")
+            atomic_text(base_cache, json.dumps(base_eval) + "\n")
         results["arms"]["base"] = {**_loss_view(base_eval), **score("base", None), "steps": 0}
     for name in ("fedit", "centralized"):
         if name in arm_info:
@@ -215,17 +214,11 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             )
         results["arms"]["local"] = _local_summary(per_client)
     results["arms"] = {a: results["arms"][a] for a in arms if a in results["arms"]}
-    _atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     from fedit.evaluate.report import write_report
 
     write_report(results, out)
     return results
-
-
-def _current(loaded: Any) -> dict[str, Any]:
-    from fedit.lora import get_adapter
-
-    return get_adapter(loaded.model)
 
 
 def _loss_view(ev: dict[str, Any]) -> dict[str, Any]:
@@ -288,9 +281,3 @@ def _local_summary(per_client: list[dict[str, Any]]) -> dict[str, Any]:
             if m in judged[0]
         }  # fmt: skip
     return out
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -135,8 +135,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
-    text = markdown(results)
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "results.md")
+    from fedit.simulation import atomic_text
+
+    atomic_text(out / "results.md", markdown(results))
     plots(results, out)

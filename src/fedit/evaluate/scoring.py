@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from fedit.evaluate.judge import Judge, judge_answers
 from fedit.evaluate.loss import EvalSet, evaluate_loss
 from fedit.inference import Loaded, prompt_for
 from fedit.seeding import generator
+from fedit.simulation import atomic_text, eval_subset
 
 
 def held_out(cfg: Any) -> list[Record]:
@@ -49,18 +49,9 @@ def loss_on(loaded: Loaded, test: Sequence[Record]) -> dict[str, Any]:
     examples, _ = tokenize_records(
         test, loaded.tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs
     )
-    if cfg.eval.max_examples and len(examples) > cfg.eval.max_examples:
-        keep = generator(cfg.seed, "eval-subset").permutation(len(examples))
-        examples = [examples[i] for i in sorted(keep[: cfg.eval.max_examples])]
+    examples = eval_subset(examples, cfg)
     pad = int(loaded.tokenizer.pad_token_id)
     return evaluate_loss(loaded.model, EvalSet.build(examples, cfg.eval.micro_batch_size), pad)
-
-
-def _atomic_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def answers_for(
@@ -103,7 +94,7 @@ def answers_for(
         for r, o in zip(records, outs, strict=True)
     ]
     if cache is not None:
-        _atomic_jsonl(cache, rows)
+        atomic_text(cache, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
