@@ -9,8 +9,11 @@ from tests.conftest import tiny_config
 
 
 def one_client_cfg(data_file: Path, **client: object):  # type: ignore[no-untyped-def]
+    # fp32 throughout: these tests compare mathematically equal computations to 1e-6, which
+    # bf16 autocast (the default on a GPU) does not hold.
     return tiny_config(
         data_file,
+        model={"autocast": "off"},
         partition={"method": "iid", "num_clients": 1},
         federation={"rounds": 1, "clients_per_round": 1},
         client={
@@ -37,10 +40,15 @@ def test_one_client_equals_plain_local_training(data_file: Path) -> None:
     examples = fed.client_examples(0)
     assert len(examples) <= 40
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.tensor([e.input_ids + [fed.pad_id] * (width - len(e.input_ids)) for e in examples])
-    labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples])
+    dev = fed.device
+    ids = torch.tensor(
+        [e.input_ids + [fed.pad_id] * (width - len(e.input_ids)) for e in examples], device=dev
+    )
+    labels = torch.tensor(
+        [e.labels + [-100] * (width - len(e.labels)) for e in examples], device=dev
+    )
     mask = torch.tensor(
-        [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples]
+        [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples], device=dev
     )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.client.lr, weight_decay=0.0)
@@ -79,8 +87,11 @@ def test_gradient_accumulation_matches_one_big_batch(data_file: Path) -> None:
             fed.model, fed.global_state, examples, c, client_id=0, seed=5, pad_token_id=fed.pad_id
         )
         states.append(u.state)
-    for k in states[0]:
-        assert torch.allclose(states[0][k], states[1][k], atol=1e-6), k
+    # GPU kernels sum in a batch-size-dependent order; AdamW's normalisation then magnifies
+    # fp32 rounding (seen: 3.9e-6 on an H100, below 1e-6 on CPU).
+    tol = 1e-6 if fed.device.type == "cpu" else 2e-5
+    worst = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
+    assert worst <= tol, f"largest difference {worst:.3g}"
 
 
 def test_same_seed_same_adapter_and_seed_matters(data_file: Path) -> None:
