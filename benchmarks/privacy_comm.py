@@ -40,6 +40,12 @@ def _run(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
         "full": rows[-1]["bytes"]["full_model"],
         "privacy": rows[-1].get("privacy"),
         "norms": [n for r in rows for n in r.get("privacy", {}).get("update_norms", [])],
+        # Coordinates that receive noise (FFA-LoRA leaves A alone).
+        "noised": sum(
+            v.numel()
+            for k, v in result.adapter.items()
+            if not (cfg.strategy.lora_aggregation == "ffa" and "lora_A" in k)
+        ),
     }
 
 
@@ -75,10 +81,10 @@ def main() -> None:
     if args.table in ("privacy", "both"):
         print(
             "| noise multiplier | clip norm | epsilon (delta 1e-5) | updates clipped "
-            "| held-out loss | vs no DP |"
+            "| noise norm on the mean | held-out loss | vs no DP |"
         )
-        print("|---|---|---|---|---|---|")
-        print(f"| no DP | – | ∞ | – | {base['loss']:.4f} | – |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| no DP | – | ∞ | – | – | {base['loss']:.4f} | – |")
         for sigma in args.noise:
             sets = [f"privacy.clip_norm={args.clip}", f"privacy.noise_multiplier={sigma}"]
             r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}")
@@ -86,7 +92,8 @@ def main() -> None:
             norm = statistics.median(r["norms"]) if r["norms"] else float("nan")
             print(
                 f"| {sigma:g} | {args.clip:g} | {r['privacy']['epsilon']:.2f} "
-                f"| {100 * clipped:.0f}% (median norm {norm:.3f}) | {r['loss']:.4f} "
+                f"| {100 * clipped:.0f}% (median norm {norm:.3f}) "
+                f"| {r['privacy']['noise_std_of_mean'] * r['noised'] ** 0.5:.3g} | {r['loss']:.4f} "
                 f"| {100 * (r['loss'] / base['loss'] - 1):+.2f}% |"
             )
 

@@ -92,6 +92,22 @@ def test_dp_run_clips_adds_noise_and_reports_epsilon(tmp_path: Path, data_file: 
         tiny_config(data_file, privacy={"clip_norm": 1.0}, federation={"strategy": "fedprox"})
 
 
+def test_dp_with_ffa_lora_noises_b_only(tmp_path: Path, data_file: Path) -> None:
+    cfg = tiny_config(
+        data_file,
+        privacy={"clip_norm": 0.01, "noise_multiplier": 1.0},
+        strategy={"lora_aggregation": "ffa"},
+        compression={"method": "int8"},
+    )
+    init = Federation(cfg).global_state
+    result = run_federation(cfg, tmp_path / "ffa")
+    a_keys = [k for k in init if ".lora_A." in k]
+    assert a_keys and all(torch.equal(result.adapter[k], init[k]) for k in a_keys)
+    assert all(not torch.equal(result.adapter[k], init[k]) for k in init if k not in a_keys)
+    rows = [h["privacy"] for h in result.history if "privacy" in h]
+    assert len(rows) == 2 and all(r["clipped"] == 2 for r in rows)
+
+
 # ------------------------------------------------------------------ compression
 
 

@@ -46,6 +46,7 @@ from fedit.resources import check_memory
 from fedit.seeding import derive_seed, generator
 from fedit.selection import SELECTORS
 from fedit.strategies import STRATEGIES, build_strategy
+from fedit.strategies.base import full_states
 
 if TYPE_CHECKING:
     from fedit.workers import WorkerPool
@@ -254,8 +255,8 @@ class Federation:
         g = self.global_state
         total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in g.items()}
         norms = []
-        for u in updates:
-            clipped, norm = clip({k: u.state[k].double() - g[k].double() for k in g}, p.clip_norm)
+        for state in full_states(g, updates):  # FFA-LoRA's clients send no A: its delta is 0
+            clipped, norm = clip({k: state[k].double() - g[k].double() for k in g}, p.clip_norm)
             norms.append(norm)
             for k, v in clipped.items():
                 total[k] += v
