@@ -126,9 +126,13 @@ def test_ctrl_c_finishes_the_checkpoint_and_says_how_to_resume(
         [FEDIT, "run", str(cfg), "--out", str(out), "--quiet", "--set", "client.max_steps=40"],
         stderr=subprocess.PIPE,
         text=True,
+        # A shell starts background jobs with SIGINT ignored and children inherit that; a user's
+        # Ctrl-C reaches a foreground process, so give the run the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: a loaded machine can take minutes per round
     while not list_rounds(out / "checkpoints") and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-1000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
