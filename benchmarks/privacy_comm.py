@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("config")
     p.add_argument("--out", default="runs/privacy-comm")
     p.add_argument("--table", choices=["compression", "privacy", "both"], default="both")
-    p.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0, 3.0])
-    p.add_argument("--clip", type=float, default=0.05, help="privacy.clip_norm")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.03, 0.1, 1.0])
+    p.add_argument("--clip", type=float, default=1.0, help="privacy.clip_norm")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     out = Path(args.out)
@@ -87,7 +87,7 @@ def main() -> None:
         print(f"| no DP | – | ∞ | – | – | {base['loss']:.4f} | – |")
         for sigma in args.noise:
             sets = [f"privacy.clip_norm={args.clip}", f"privacy.noise_multiplier={sigma}"]
-            r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}")
+            r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}-clip{args.clip:g}")
             clipped = sum(n > args.clip for n in r["norms"]) / max(len(r["norms"]), 1)
             norm = statistics.median(r["norms"]) if r["norms"] else float("nan")
             print(
