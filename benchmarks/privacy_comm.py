@@ -80,7 +80,9 @@ def main() -> None:
         )
     if args.table in ("privacy", "both"):
         print(
-            "| noise multiplier | clip norm | epsilon (delta 1e-5) | updates clipped "
+            "| noise multiplier | clip norm "
+            f"| epsilon (delta {load_config(args.config, args.overrides).privacy.delta:g}) "
+            "| updates clipped "
             "| noise norm on the mean | held-out loss | vs no DP |"
         )
         print("|---|---|---|---|---|---|---|")
