@@ -262,10 +262,8 @@ class Federation:
                 total[k] += v
         std = p.noise_multiplier * p.clip_norm
         if std:
-            # FFA-LoRA never changes A: no noise there, the whole budget goes to B.
-            noisy = [
-                k for k in g if not (self.cfg.strategy.lora_aggregation == "ffa" and "lora_A" in k)
-            ]
+            # Noise on what clients can change: FFA-LoRA's clients send no A, so A gets none.
+            noisy = [k for k in g if any(k in u.state for u in updates)]
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "dp-noise", rnd))
             for k, v in gaussian_noise({k: g[k] for k in noisy}, std, gen).items():
                 total[k] += v.double()
@@ -377,7 +375,7 @@ class Federation:
             "bytes": {
                 "up_total": sum(up),
                 "down_total": down * len(chosen),
-                "fp32_adapter": state_bytes(self.global_state),
+                "fp32_adapter": sum(v.numel() * 4 for v in self.global_state.values()),
                 "full_model": self.full_model_bytes,
             },
             "time": {"train": t1 - t0, "aggregate": t2 - t1},
