@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fedit.config import CompressionConfig
 
 METHODS = ("none", "fp16", "int8", "int4", "topk")
 
@@ -28,6 +32,10 @@ class Codec:
     method: str = "none"
     block_size: int = 64
     topk_ratio: float = 0.1
+
+    @classmethod
+    def from_config(cls, comp: CompressionConfig) -> Codec:
+        return cls(comp.method, comp.block_size, comp.topk_ratio)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -126,8 +126,7 @@ class Federation:
         self.model.fedit_autocast = autocast_dtype(cfg.model, self.device)
         self.global_state: AdapterState = get_adapter(self.model)
         self.strategy = build_strategy(cfg, self.num_clients)
-        comp = cfg.compression
-        self.codec = Codec(comp.method, comp.block_size, comp.topk_ratio)
+        self.codec = Codec.from_config(cfg.compression)
         self._residuals: dict[int, AdapterState] = {}  # error feedback, held for each client
         self.full_model_bytes = sum(p.numel() * 4 for p in self.model.parameters())
         self.accountant: Accountant | None = None

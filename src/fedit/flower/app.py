@@ -181,8 +181,7 @@ class FlowerClients:
         from fedit.client import Update
         from fedit.compression import Codec
 
-        comp = self.cfg.compression
-        codec = Codec(comp.method, comp.block_size, comp.topk_ratio)
+        codec = Codec.from_config(self.cfg.compression)
 
         online = set(self.grid.get_node_ids())
         messages, reasons = [], {}
