@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fedit.config import load_config
-from fedit.simulation import run_federation
+from fedit.recipe import run_federation
 
 VARIANTS: dict[str, list[str]] = {
     "fedavg (FedIT, naive)": ["federation.strategy=fedavg"],

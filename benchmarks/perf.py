@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from fedit.batching import collate, token_losses
 from fedit.checkpoint import save_checkpoint
-from fedit.client import client_schedule
+from fedit.client.batching import collate, token_losses
+from fedit.client.train import client_schedule
 from fedit.config import load_config
 from fedit.lora import set_adapter, state_bytes
+from fedit.recipe import Setup, setup_run
 from fedit.seeding import derive_seed
-from fedit.simulation import Federation
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -68,32 +68,33 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def plain_training(fed: Federation, clients: list[int], rnd: int) -> tuple[float, int]:
+def plain_training(run: Setup, clients: list[int], rnd: int) -> tuple[float, int]:
     """The floor: the same batches through one optimizer, no federation around them."""
-    cfg = fed.cfg.client
-    set_adapter(fed.model, fed.global_state)
-    params = [p for p in fed.model.parameters() if p.requires_grad]
+    cfg = run.cfg.client
+    model, runtime = run.lm.model, run.engine.runtime  # type: ignore[attr-defined]
+    set_adapter(model, run.server.global_state)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = []
     for c in clients:
-        examples = fed.client_examples(c)
-        schedule = client_schedule(examples, cfg, derive_seed(fed.cfg.seed, "client", rnd, c))
+        examples = runtime.examples(c)
+        schedule = client_schedule(examples, cfg, derive_seed(run.cfg.seed, "client", rnd, c))
         batches += [[[examples[i] for i in mb] for mb in step] for step in schedule]
-    fed.model.train()
+    model.train()
     tokens = 0
     start = time.perf_counter()
     for step in batches:
         n_targets = sum(e.num_target_tokens for mb in step for e in mb)
         for mb in step:
-            batch = collate(mb, fed.pad_id)
-            losses, _ = token_losses(fed.model, batch)
+            batch = collate(mb, run.lm.pad_id)
+            losses, _ = token_losses(model, batch)
             (losses.sum() / n_targets).backward()
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    fed.model.eval()
+    model.eval()
     return seconds, tokens
 
 
@@ -101,49 +102,50 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
     cfg = load_config(config, overrides)
     peak = matmul_peak()
     t = time.perf_counter()
-    fed = Federation(cfg)
+    run = setup_run(cfg)
+    server = run.server
     setup = time.perf_counter() - t
     rnd = 1
-    clients = fed.select(rnd)
+    clients = server.select(rnd)
     t = time.perf_counter()
     for c in clients:
-        fed.client_examples(c)
+        run.engine.runtime.examples(c)  # type: ignore[attr-defined]
     tokenize = time.perf_counter() - t
-    start_state = dict(fed.global_state)
+    start_state = dict(server.global_state)
     # Alternate fedit and the floor, each from the same start, so warm-up and drift hit both.
     fedit_times, floor_times = [], []
     floor_tokens = 0
     for r in range(repeats):
         if r % 2:  # every other repeat runs the floor first: no order effect
-            fed.global_state = start_state
-            seconds, floor_tokens = plain_training(fed, clients, rnd)
+            server.global_state = start_state
+            seconds, floor_tokens = plain_training(run, clients, rnd)
             floor_times.append(seconds)
-        fed.global_state = start_state
-        row = fed.run_round(rnd)
+        server.global_state = start_state
+        row = server.run_round(rnd, run.engine)
         fedit_times.append(row["time"]["train"])
-        end_state = fed.global_state
+        end_state = server.global_state
         if not r % 2:
-            fed.global_state = start_state
-            seconds, floor_tokens = plain_training(fed, clients, rnd)
+            server.global_state = start_state
+            seconds, floor_tokens = plain_training(run, clients, rnd)
             floor_times.append(seconds)
-    fed.global_state = end_state
+    server.global_state = end_state
     fedit_train = statistics.median(fedit_times)
     floor_seconds = statistics.median(floor_times)
     aggregate = row["time"]["aggregate"]
     t = time.perf_counter()
-    fed.evaluate()
+    run.evaluate()
     evaluate = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        save_checkpoint(Path(tmp), rnd, fed.model, fed.global_state, {}, {"round": rnd})
+        save_checkpoint(Path(tmp), rnd, run.lm.model, server.global_state, {}, {"round": rnd})
         checkpoint = time.perf_counter() - t
     cm = row["client_metrics"]
     real = sum(c["real_tokens"] for c in cm)
     computed = sum(c["real_tokens"] / c["padding_efficiency"] for c in cm)
-    mcfg = fed.model.get_base_model().config
+    mcfg = run.lm.model.get_base_model().config
     seq = computed / sum(c["steps"] for c in cm) / cfg.client.batch_size
     flops_per_token = (
-        4 * matmul_params(fed.model) + 12 * mcfg.num_hidden_layers * seq * mcfg.hidden_size
+        4 * matmul_params(run.lm.model) + 12 * mcfg.num_hidden_layers * seq * mcfg.hidden_size
     )
     tokens_per_s = real / fedit_train
     return {
@@ -168,9 +170,9 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict[str, Any]:
         "batching_s": sum(c["collate_seconds"] for c in cm),
         "aggregate_s": aggregate,
         "eval_s": evaluate,
-        "eval_examples": len(fed.eval_set.examples),
+        "eval_examples": run.held.examples,
         "checkpoint_s": checkpoint,
-        "bytes_per_client_per_round": state_bytes(fed.global_state),
+        "bytes_per_client_per_round": state_bytes(server.global_state),
         "peak_rss_gib": rss_gib(),
     }
 
@@ -180,10 +182,11 @@ def server_memory(config: str, overrides: list[str], sizes: list[int]) -> list[d
     for n in sizes:
         code = (
             "import json,sys; sys.path.insert(0, 'benchmarks'); import perf; "
-            "from fedit.config import load_config; from fedit.simulation import Federation; "
+            "from fedit.config import load_config; from fedit.recipe import setup_run; "
             f"cfg = load_config({config!r}, {[*overrides, f'partition.num_clients={n}']!r}); "
-            "fed = Federation(cfg); fed.run_round(1); "
-            "print(json.dumps({'num_clients': fed.num_clients, 'peak_rss_gib': perf.rss_gib()}))"
+            "run = setup_run(cfg); run.server.run_round(1, run.engine); "
+            "print(json.dumps({'num_clients': run.server.num_clients, "
+            "'peak_rss_gib': perf.rss_gib()}))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True

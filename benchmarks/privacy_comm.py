@@ -15,7 +15,7 @@ from typing import Any
 
 from fedit.config import load_config
 from fedit.progress import Progress
-from fedit.simulation import run_federation
+from fedit.recipe import run_federation
 
 COMPRESSORS = [
     ("fp32 (none)", ["compression.method='none'"]),

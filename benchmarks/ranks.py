@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedit.config import load_config
 from fedit.progress import Progress
-from fedit.simulation import run_federation
+from fedit.recipe import run_federation
 
 
 def main() -> None:

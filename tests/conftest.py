@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fedit.client.runtime import ClientRuntime
 from fedit.config import Config, config_from_dict
+from fedit.data.partition import load_partition
+from fedit.lora import load_lora_model
 
 # Tests never reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,3 +67,9 @@ def tiny_config(data_path: Path, **sections: dict) -> Config:
         else:
             base[name] = values
     return config_from_dict(base)
+
+
+def client_runtime(cfg: Config) -> ClientRuntime:
+    """The client side of `cfg`'s run in this process: every client of its partition."""
+    clients = load_partition(cfg).clients
+    return ClientRuntime(cfg, load_lora_model(cfg), dict(enumerate(clients)))

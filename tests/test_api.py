@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 import fedit
-from fedit.client import ClientPlan, Update
 from fedit.config import Config, PartitionConfig
 from fedit.data.records import Record
 from fedit.lora import AdapterState
+from fedit.protocol import ClientPlan, Update
 from tests.conftest import tiny_config
 
 

@@ -17,9 +17,9 @@ import torch
 
 from fedit.cli import main
 from fedit.config import to_toml
-from fedit.flower.launch import descendants, free_port, wait_health
+from fedit.engines.flower.launch import descendants, free_port, wait_health
 from fedit.lora import load_adapter_state
-from fedit.simulation import run_federation
+from fedit.recipe import run_federation
 from tests.conftest import make_rows, tiny_config, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -82,6 +82,27 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
     time.sleep(1.0)
     assert not _alive(list(pids.values()))
     assert set(_alive(_started_here())) <= before  # no helper, node worker or app left over
+
+
+def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
+    """Each node keeps its client's residual on its own disk: a server restart (new Flower
+    run, new node workers) continues exactly where an uninterrupted run would be."""
+    path, cfg = _config(
+        tmp_path,
+        partition={"num_clients": 2},
+        federation={"rounds": 3},
+        compression={"method": "topk", "topk_ratio": 0.2},
+        eval={"every": 0},
+    )
+    out = tmp_path / "flower-run"
+    two = ["--set", "federation.rounds=2"]
+    assert main(["federate", str(path), "--nodes", "2", "--out", str(out), *two]) == 0
+    assert main(["federate", str(path), "--nodes", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
+    sim = run_federation(cfg, tmp_path / "sim")  # type: ignore[arg-type]
+    got = load_adapter_state(out / "adapter")
+    for k, v in sim.adapter.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_node_killed_mid_run_is_recorded_and_run_finishes(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from fedit.compression import METHODS, Codec, error_bound
 from fedit.config import ConfigError
-from fedit.privacy import Accountant, clip, gaussian_noise
-from fedit.simulation import Federation, run_federation
-from tests.conftest import tiny_config
+from fedit.lora import get_adapter
+from fedit.recipe import run_federation
+from fedit.server.privacy import Accountant, clipped_delta, gaussian_noise
+from tests.conftest import client_runtime, tiny_config
 
 # ------------------------------------------------------------------ privacy
 
@@ -44,11 +45,12 @@ def test_accountant_matches_opacus_directly() -> None:
 @settings(max_examples=60, deadline=None)
 def test_clipping_bounds_every_update(values: list[float], bound: float) -> None:
     delta = {"a": torch.tensor(values[: len(values) // 2 + 1]), "b": torch.tensor(values)}
-    clipped, norm = clip(delta, bound)
+    zero = {k: torch.zeros_like(v) for k, v in delta.items()}
+    clipped, norm = clipped_delta(delta, zero, bound)
     new = math.sqrt(sum(float(v.pow(2).sum()) for v in clipped.values()))
     assert new <= bound * (1 + 1e-6)
     if norm <= bound:  # small updates pass unchanged
-        assert all(torch.equal(clipped[k], delta[k]) for k in delta)
+        assert all(torch.equal(clipped[k], delta[k].double()) for k in delta)
 
 
 def test_noise_has_the_configured_scale() -> None:
@@ -67,7 +69,7 @@ def test_dp_run_clips_adds_noise_and_reports_epsilon(tmp_path: Path, data_file: 
     row = quiet.history[-1]["privacy"]
     assert row["clipped"] == 2 and all(n > 0.01 for n in row["update_norms"])
     # Without noise the step is the mean of the clipped deltas: norm <= clip.
-    init = Federation(tiny_config(data_file, **base)).global_state
+    init = get_adapter(client_runtime(tiny_config(data_file, **base)).lm.model)
     step = math.sqrt(sum(float((quiet.adapter[k] - init[k]).double().pow(2).sum()) for k in init))
     assert step <= 0.01 * (1 + 1e-5)
     noisy_cfg = tiny_config(
@@ -99,7 +101,7 @@ def test_dp_with_ffa_lora_noises_b_only(tmp_path: Path, data_file: Path) -> None
         strategy={"lora_aggregation": "ffa"},
         compression={"method": "int8"},
     )
-    init = Federation(cfg).global_state
+    init = get_adapter(client_runtime(cfg).lm.model)
     result = run_federation(cfg, tmp_path / "ffa")
     a_keys = [k for k in init if ".lora_A." in k]
     assert a_keys and all(torch.equal(result.adapter[k], init[k]) for k in a_keys)

@@ -18,11 +18,11 @@ from fedit.checkpoint import CheckpointError, latest_checkpoint, list_rounds
 from fedit.cli import main
 from fedit.config import DataConfig, to_toml
 from fedit.data.records import DataError, load_records
-from fedit.lora import load_adapter_state, set_adapter
+from fedit.lora import get_adapter, load_adapter_state, set_adapter
 from fedit.models import ModelError
+from fedit.recipe import run_federation, setup_run
 from fedit.resources import ResourceError
-from fedit.simulation import Federation, run_federation
-from tests.conftest import tiny_config
+from tests.conftest import client_runtime, tiny_config
 
 FEDIT = str(Path(sys.executable).with_name("fedit"))
 
@@ -41,12 +41,12 @@ def test_named_category_field_must_exist(data_file: Path) -> None:
 
 
 def test_adapter_of_another_shape_is_refused(data_file: Path) -> None:
-    fed = Federation(tiny_config(data_file))
-    bad = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in fed.global_state.items()}
+    model = client_runtime(tiny_config(data_file)).lm.model
+    bad = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in get_adapter(model).items()}
     with pytest.raises(ModelError, match="different base model or LoRA rank"):
-        set_adapter(fed.model, bad)
+        set_adapter(model, bad)
     with pytest.raises(ModelError, match="does not match the model"):
-        set_adapter(fed.model, {"x.lora_A.weight": torch.zeros(1)})
+        set_adapter(model, {"x.lora_A.weight": torch.zeros(1)})
 
 
 def test_injected_faults_are_excluded_and_recorded(tmp_path: Path, data_file: Path) -> None:
@@ -169,12 +169,12 @@ def test_memory_guard_refuses_up_front(data_file: Path, monkeypatch: pytest.Monk
     def no_loading(*args: object, **kw: object) -> None:
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("fedit.simulation.load_model", no_loading)
+    monkeypatch.setattr("fedit.models.load_model", no_loading)
     with pytest.raises(
         ResourceError, match=r"estimated peak memory .* exceeds the 0.2 GiB available on (cpu|cuda)"
     ):
-        Federation(tiny_config(data_file))
+        setup_run(tiny_config(data_file))
     huge = tiny_config(data_file, data={"cutoff_len": 65536})
     monkeypatch.setattr(fedit.resources, "available_memory", lambda device=None: 16 * 1024**3)
     with pytest.raises(ResourceError, match="client.micro_batch_size"):
-        Federation(huge)
+        setup_run(huge)

@@ -16,6 +16,7 @@ from fedit.cli import main
 from fedit.config import to_toml
 from fedit.lora import load_adapter_state
 from fedit.models import load_model
+from fedit.recipe import run_federation
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,3 +220,68 @@ def test_console_script_on_dolly_tiny_config(tmp_path: Path) -> None:
     ]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert "databricks" not in proc.stderr or "error" not in proc.stderr
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+@pytest.mark.parametrize("method", ["fp16", "int8", "int4", "topk"])
+def test_resume_is_exact_for_every_codec(
+    tmp_path: Path, data_file: Path, method: str, feedback: bool
+) -> None:
+    """Error-feedback residuals are client state: the checkpoint carries them."""
+    sections = {
+        "federation": {"rounds": 3, "clients_per_round": 3},
+        "compression": {"method": method, "error_feedback": feedback, "topk_ratio": 0.2},
+        "eval": {"every": 0},
+    }
+    full = run_federation(tiny_config(data_file, **sections), tmp_path / "full").adapter
+    two = tiny_config(
+        data_file, **{**sections, "federation": {"rounds": 2, "clients_per_round": 3}}
+    )
+    run_federation(two, tmp_path / "part")
+    resumed = run_federation(tiny_config(data_file, **sections), tmp_path / "part", resume=True)
+    worst = max((full[k] - resumed.adapter[k]).abs().max().item() for k in full)
+    assert worst == 0.0, f"largest difference {worst:.3g}"
+    saved = tmp_path / "part" / "checkpoints" / "round_0002" / "client_state.safetensors"
+    assert saved.is_file() == feedback
+
+
+def test_metrics_rows_are_complete_and_a_resumed_summary_matches(
+    tmp_path: Path, data_file: Path
+) -> None:
+    full = run_federation(tiny_config(data_file, federation={"rounds": 3}), tmp_path / "full")
+    run_federation(tiny_config(data_file, federation={"rounds": 2}), tmp_path / "part")
+    run_federation(tiny_config(data_file, federation={"rounds": 3}), tmp_path / "part", resume=True)
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert all("checkpoint" in r["time"] for r in rows if r["round"] > 0)
+
+    def shape(value: object) -> object:  # keys and structure; times and losses may differ
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shape(v) for v in value]
+        return type(value).__name__
+
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert shape(a) == shape(b)
+    assert [h["eval"]["loss"] for h in a["history"]] == [h["eval"]["loss"] for h in b["history"]]
+    assert full.history[-1]["eval"] == a["history"][-1]["eval"]
+
+
+def test_eval_of_a_finished_run_reports_its_last_held_out_loss(
+    tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, data_file)
+    out = tmp_path / "run"
+    limit = ["--set", "eval.max_examples=5"]
+    assert main(["run", str(cfg), "--out", str(out), "--quiet", *limit]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    last = summary["history"][-1]["eval"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--no-generate", "--out", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    assert "held-out loss on 5 test examples (eval.max_examples of " in err
+    got = json.loads((tmp_path / "ev" / "eval.json").read_text())["eval"]
+    assert got["loss"] == pytest.approx(last["loss"], rel=1e-6)
+    assert got["per_category"].keys() == last["per_category"].keys()
+    assert got["tokens"] == last["tokens"]

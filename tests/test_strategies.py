@@ -8,9 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedit.client import ClientPlan, Update, _adjust_gradients
+from fedit.client.train import _adjust_gradients
 from fedit.config import Config, ConfigError, load_config
-from fedit.strategies import (
+from fedit.protocol import ClientPlan, Update
+from fedit.server.strategies import (
     STRATEGIES,
     FedAvg,
     build_strategy,
@@ -20,7 +21,7 @@ from fedit.strategies import (
     trimmed_mean,
     weighted_average,
 )
-from fedit.strategies.aggregate import clip_update, update_norm
+from fedit.server.strategies.aggregate import clip_update, update_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import torch
 
-from fedit.client import train_local
+from fedit.client.train import train_local
 from fedit.lora import get_adapter, set_adapter, trainable_names
-from fedit.simulation import Federation, run_federation
-from tests.conftest import tiny_config
+from fedit.protocol import Task
+from fedit.recipe import run_federation
+from tests.conftest import client_runtime, tiny_config
 
 
 def one_client_cfg(data_file: Path, **client: object):  # type: ignore[no-untyped-def]
@@ -34,15 +35,16 @@ def test_one_client_equals_plain_local_training(data_file: Path) -> None:
     fedit_adapter = run_federation(cfg).adapter
 
     # The same thing by hand: full-batch AdamW on HF's own loss, no fedit loop involved.
-    fed = Federation(cfg)
-    model = fed.model
-    set_adapter(model, fed.global_state)
-    examples = fed.client_examples(0)
+    rt = client_runtime(cfg)
+    model = rt.lm.model
+    init = get_adapter(model)
+    set_adapter(model, init)
+    examples = rt.examples(0)
     assert len(examples) <= 40
     width = max(len(e.input_ids) for e in examples)
-    dev = fed.device
+    dev = rt.lm.device
     ids = torch.tensor(
-        [e.input_ids + [fed.pad_id] * (width - len(e.input_ids)) for e in examples], device=dev
+        [e.input_ids + [rt.lm.pad_id] * (width - len(e.input_ids)) for e in examples], device=dev
     )
     labels = torch.tensor(
         [e.labels + [-100] * (width - len(e.labels)) for e in examples], device=dev
@@ -61,35 +63,38 @@ def test_one_client_equals_plain_local_training(data_file: Path) -> None:
     assert plain.keys() == fedit_adapter.keys()
     for k in plain:
         assert torch.allclose(plain[k], fedit_adapter[k], atol=1e-6), k
-    assert any(not torch.equal(v, fed.global_state[k]) for k, v in plain.items())
+    assert any(not torch.equal(v, init[k]) for k, v in plain.items())
 
 
 def test_only_lora_weights_change(data_file: Path) -> None:
-    fed = Federation(tiny_config(data_file))
-    assert trainable_names(fed.model) and all("lora_" in n for n in trainable_names(fed.model))
-    before = {n: p.detach().clone() for n, p in fed.model.named_parameters() if "lora_" not in n}
-    update = fed.train_client(1, 0, "1/1")
-    for n, p in fed.model.named_parameters():
+    rt = client_runtime(tiny_config(data_file))
+    model = rt.lm.model
+    init = get_adapter(model)
+    assert trainable_names(model) and all("lora_" in n for n in trainable_names(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    update = rt.train(Task(1, 0, init))
+    for n, p in model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, before[n]), n
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in update.state)
-    assert any(not torch.equal(v, fed.global_state[k]) for k, v in update.state.items())
+    assert any(not torch.equal(v, init[k]) for k, v in update.state.items())
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_file: Path) -> None:
     cfg = one_client_cfg(data_file, batch_size=8, micro_batch_size=8)
-    fed = Federation(cfg)
-    examples = fed.client_examples(0)
+    rt = client_runtime(cfg)
+    init = get_adapter(rt.lm.model)
+    examples = rt.examples(0)
     states = []
     for micro in (8, 2):
         c = one_client_cfg(data_file, batch_size=8, micro_batch_size=micro).client
         u = train_local(
-            fed.model, fed.global_state, examples, c, client_id=0, seed=5, pad_token_id=fed.pad_id
+            rt.lm.model, init, examples, c, client_id=0, seed=5, pad_token_id=rt.lm.pad_id
         )
         states.append(u.state)
     # GPU kernels sum in a batch-size-dependent order; AdamW's normalisation then magnifies
     # fp32 rounding (seen: 3.9e-6 on an H100, below 1e-6 on CPU).
-    tol = 1e-6 if fed.device.type == "cpu" else 2e-5
+    tol = 1e-6 if rt.lm.device.type == "cpu" else 2e-5
     worst = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
     assert worst <= tol, f"largest difference {worst:.3g}"
 
@@ -103,18 +108,19 @@ def test_same_seed_same_adapter_and_seed_matters(data_file: Path) -> None:
 
 
 def test_length_grouping_reduces_padding(data_file: Path) -> None:
-    fed = Federation(tiny_config(data_file, client={"max_steps": 0, "local_epochs": 1.0}))
+    rt = client_runtime(tiny_config(data_file, client={"max_steps": 0, "local_epochs": 1.0}))
+    init = get_adapter(rt.lm.model)
     eff = {}
     for grouped in (True, False):
         c = tiny_config(data_file, client={"max_steps": 0, "group_by_length": grouped}).client
         u = train_local(
-            fed.model,
-            fed.global_state,
-            fed.client_examples(0),
+            rt.lm.model,
+            init,
+            rt.examples(0),
             c,
             client_id=0,
             seed=1,
-            pad_token_id=fed.pad_id,
+            pad_token_id=rt.lm.pad_id,
         )
         eff[grouped] = u.metrics["padding_efficiency"]
     assert eff[True] >= eff[False]

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from fedit.errors import FeditError
 from fedit.lora import ADAPTER_FILE, AdapterState, write_adapter_files
 
 STRATEGY_FILE = "strategy_state.safetensors"
+# The state of clients that live in the server's process (error-feedback residuals).
+CLIENT_FILE = "client_state.safetensors"
 STATE_FILE = "run_state.json"
 PREFIX = "round_"
 
@@ -42,6 +44,7 @@ class Checkpoint:
     adapter: AdapterState
     strategy_state: dict[str, torch.Tensor]
     run_state: dict[str, Any]
+    client_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -63,6 +66,7 @@ def save_checkpoint(
     adapter: AdapterState,
     strategy_state: dict[str, torch.Tensor],
     run_state: dict[str, Any],
+    client_state: dict[str, torch.Tensor] | None = None,
     on_written: Callable[[], None] | None = None,
 ) -> Path:
     """Write round `rnd` under a temporary name, then rename it into place.
@@ -72,7 +76,10 @@ def save_checkpoint(
     """
     final = round_dir(root, rnd)
     try:
-        return _save(root, final, rnd, model, adapter, strategy_state, run_state, on_written)
+        tensors = {STRATEGY_FILE: strategy_state}
+        if client_state:
+            tensors[CLIENT_FILE] = client_state
+        return _save(root, final, rnd, model, adapter, tensors, run_state, on_written)
     except OSError as e:
         raise CheckpointError(
             f"could not write the checkpoint of round {rnd} to {final}: {e}; "
@@ -86,7 +93,7 @@ def _save(
     rnd: int,
     model: Any,
     adapter: AdapterState,
-    strategy_state: dict[str, torch.Tensor],
+    tensors: dict[str, dict[str, torch.Tensor]],
     run_state: dict[str, Any],
     on_written: Callable[[], None] | None,
 ) -> Path:
@@ -94,10 +101,8 @@ def _save(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         write_adapter_files(model, adapter, tmp)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in strategy_state.items()},
-            str(tmp / STRATEGY_FILE),
-        )
+        for name, named in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / name))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         state = {**run_state, "round": rnd, "files": files}
         with (tmp / STATE_FILE).open("w", encoding="utf-8") as f:
@@ -143,9 +148,11 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     try:
         adapter = load_file(str(folder / ADAPTER_FILE))
         strategy_state = load_file(str(folder / STRATEGY_FILE))
+        clients = folder / CLIENT_FILE
+        client_state = load_file(str(clients)) if clients.is_file() else {}
     except Exception as e:
         raise CheckpointError(f"{folder}: cannot read tensors: {e}") from e
-    return Checkpoint(int(state["round"]), folder, adapter, strategy_state, state)
+    return Checkpoint(int(state["round"]), folder, adapter, strategy_state, state, client_state)
 
 
 def remove_partial(root: Path) -> list[str]:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 METHODS = ("none", "fp16", "int8", "int4", "topk")
 
-Wire = dict[str, np.ndarray]
+Wire = dict[str, np.ndarray]  # the arrays that travel for one tensor
 
 
 @dataclass(frozen=True)

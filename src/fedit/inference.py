@@ -8,27 +8,28 @@ base model is refused with both names.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedit.config import Config, ConfigError, load_config
+from fedit.config import Config, ConfigError, load_config, variant
 from fedit.data.prompts import render
 from fedit.data.records import Record
 from fedit.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
     AdapterState,
-    attach_lora,
     get_adapter,
     load_adapter_state,
+    load_lora_model,
     set_adapter,
 )
-from fedit.models import ModelError, autocast_dtype, load_model, pick_device
-from fedit.seeding import derive_seed
+from fedit.models import ModelError
 
 
 @dataclass
@@ -75,35 +76,33 @@ def _adapter_settings(cfg: Config, folder: Path) -> Config:
     targets = saved.get("target_modules") or cfg.lora.target_modules
     if isinstance(targets, str):
         targets = [targets]
-    lora = replace(
-        cfg.lora,
-        r=int(saved.get("r", cfg.lora.r)),
-        alpha=int(saved.get("lora_alpha", cfg.lora.alpha)),
-        target_modules=sorted(targets),
-        client_ranks=[],
-    )
-    return replace(cfg, lora=lora)
+    try:
+        lora = {
+            "r": int(saved.get("r", cfg.lora.r)),
+            "alpha": int(saved.get("lora_alpha", cfg.lora.alpha)),
+            "target_modules": sorted(targets),
+            "client_ranks": [],
+        }
+        return variant(cfg, lora=lora)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ModelError(f"{cfg_file}: unusable LoRA settings: {e}") from None
 
 
 def load_for_inference(cfg: Config, adapter: Path | None, progress: Any = None) -> Loaded:
     """The base model of `cfg` with `adapter` loaded (None: the base model alone)."""
     if adapter is not None:
         cfg = _adapter_settings(cfg, adapter)
-    tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
-    model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
+    lm = load_lora_model(cfg, training=False)
     if adapter is not None:
         state = load_adapter_state(adapter)
         try:
-            set_adapter(model, state)
+            set_adapter(lm.model, state)
         except ModelError as e:
             raise ModelError(f"{adapter}: {e}") from None
     else:  # LoRA's B starts at zero, but say so explicitly: the base model alone
-        set_adapter(model, {k: torch.zeros_like(v) for k, v in get_adapter(model).items()})
-    device = pick_device(cfg.model)
-    model.to(device)
-    model.fedit_autocast = autocast_dtype(cfg.model, device)
-    model.eval()
-    return Loaded(cfg, tokenizer, model, adapter, device)
+        set_adapter(lm.model, {k: torch.zeros_like(v) for k, v in get_adapter(lm.model).items()})
+    lm.model.eval()
+    return Loaded(cfg, lm.tokenizer, lm.model, adapter, lm.device)
 
 
 def use_adapter(loaded: Loaded, state: AdapterState, label: Path | None) -> None:
@@ -132,3 +131,86 @@ def messages_to_record(messages: list[dict[str, Any]]) -> Record:
     if turns[-1]["role"] != "user":
         raise ValueError("messages: the last message must come from the user")
     return Record(instruction=turns[-1]["content"], response="", history=turns[:-1])
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    add_special_tokens: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One answer per prompt: {'text', 'prompt_tokens', 'completion_tokens', 'finish_reason'}.
+
+    temperature 0 is greedy (deterministic); otherwise sampling from a seeded generator.
+    Prompts are left-padded and batched by length; a prompt longer than `max_prompt_tokens`
+    keeps its end (where the instruction and the answer cue are).
+    """
+    device = next(model.parameters()).device
+    dtype = getattr(model, "fedit_autocast", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [
+        tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-max_prompt_tokens:]
+        for p in prompts
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[dict[str, Any]] = [{} for _ in prompts]
+    was_training = model.training
+    model.eval()
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    try:
+        for b, idx in enumerate(batches, 1):
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(encoded[i])
+                ids[row, width - n :] = torch.tensor(encoded[i])
+                mask[row, width - n :] = 1
+            kwargs: dict[str, Any] = {
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+                "max_new_tokens": max_new_tokens,
+                "pad_token_id": pad,
+                "eos_token_id": tokenizer.eos_token_id,
+            }
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            ctx = (
+                torch.autocast(device.type, dtype=dtype)
+                if dtype is not None
+                else contextlib.nullcontext()
+            )
+            # generate() samples from the global RNG: seed it inside a fork, restore after.
+            with ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if temperature > 0:
+                    torch.manual_seed(seed + b)
+                seqs = model.generate(**kwargs)
+            for row, i in enumerate(idx):
+                new = seqs[row, width:].tolist()
+                finish = "length"
+                if tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                    finish = "stop"
+                while new and new[-1] == pad and pad != tokenizer.eos_token_id:
+                    new.pop()
+                out[i] = {
+                    "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                    "prompt_tokens": len(encoded[i]),
+                    "completion_tokens": len(new),
+                    "finish_reason": finish,
+                }
+            if on_batch:
+                on_batch(b, len(batches))
+    finally:
+        model.train(was_training)
+    return out

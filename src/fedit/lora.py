@@ -5,20 +5,23 @@ peft's get/set_peft_model_state_dict are the only way in and out of the model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from fedit.config import LoraConfig as LoraSettings
+from fedit.files import atomic_dir
 from fedit.models import ModelError, module_names
+from fedit.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedit.config import Config
 
 AdapterState = dict[str, torch.Tensor]
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -110,18 +113,7 @@ def save_adapter(model: Any, state: AdapterState, out: Path) -> None:
 
     The new folder is complete before it takes the name; an old one is moved aside first.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.old")
-    try:
-        write_adapter_files(model, state, tmp)
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    atomic_dir(out, lambda folder: write_adapter_files(model, state, folder))
 
 
 def write_adapter_files(model: Any, state: AdapterState, folder: Path) -> None:
@@ -139,3 +131,39 @@ def load_adapter_state(folder: Path) -> AdapterState:
 
 def state_bytes(state: AdapterState) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
+
+
+@dataclass
+class LoraModel:
+    """The frozen base with LoRA attached, on its device, and its tokenizer."""
+
+    tokenizer: Any
+    model: Any
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def full_model_bytes(self) -> int:
+        return sum(p.numel() * 4 for p in self.model.parameters())
+
+
+def load_lora_model(cfg: Config, training: bool = True) -> LoraModel:
+    """`cfg`'s base model with its LoRA init: the same seed gives the same adapter anywhere.
+
+    `training`: first refuse a run whose estimated peak memory exceeds the device's.
+    """
+    from fedit.models import autocast_dtype, load_model, model_config, pick_device
+    from fedit.resources import check_memory
+
+    device = pick_device(cfg.model)
+    if training:
+        check_memory(model_config(cfg.model), cfg, device)
+    tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
+    # LoRA is initialized on the CPU, so the same seed gives the same adapter on any device.
+    model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
+    model.to(device)
+    model.fedit_autocast = autocast_dtype(cfg.model, device)
+    return LoraModel(tokenizer, model, device)

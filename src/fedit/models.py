@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 
 from fedit.config import ModelConfig
 from fedit.errors import FeditError
+from fedit.files import atomic_dir
 
 TINY = "fedit/tiny-llama"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -152,14 +151,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # save_pretrained refuses GGUF-loaded models; a fresh model with the same weights saves.
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(src.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    atomic_dir(out, fill)
 
 
 def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:

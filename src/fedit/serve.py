@@ -13,8 +13,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from fedit.evaluate.generation import generate
-from fedit.inference import Loaded, messages_to_record, prompt_for
+from fedit.inference import Loaded, generate, messages_to_record, prompt_for
 
 MAX_BODY = 8 * 1024 * 1024
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import numpy as np
 from fedit.config import Config, PartitionConfig
 from fedit.data.records import Record, write_jsonl
 from fedit.errors import FeditError
+from fedit.files import atomic_json
 from fedit.registry import Registry
 from fedit.seeding import generator
 
@@ -282,6 +281,14 @@ def write_partition(partition: Partition, out: Path) -> None:
     for i, recs in enumerate(partition.clients):
         write_jsonl(out / "clients" / f"client_{i:04d}.jsonl", recs)
     write_jsonl(out / "test.jsonl", partition.test)
-    tmp = out / ".stats.json.tmp"
-    tmp.write_text(json.dumps(partition.stats, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "stats.json")
+    atomic_json(out / "stats.json", partition.stats)
+
+
+def load_partition(cfg: Config, log: Callable[[str], None] | None = None) -> Partition:
+    """The run's records, read and split: the same partition for the same config anywhere."""
+    from fedit.data.records import load_records
+
+    records, report = load_records(cfg.data)
+    if report.skipped and log is not None:
+        log(f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}")
+    return make_partition(records, cfg)

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedit.config import DataConfig
 from fedit.errors import FeditError
+from fedit.files import atomic_lines
 
 DATA_DIR_ENV = "FEDIT_DATA_DIR"
 UNKNOWN_CATEGORY = "uncategorized"
@@ -248,11 +249,7 @@ def _load_hub(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
 
 def write_jsonl(path: Path, records: Iterable[Record]) -> None:
     """Atomic JSONL write in the canonical (dolly-like) layout."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_lines(path, (r.to_json() for r in records))
 
 
 def read_canonical(path: Path) -> list[Record]:

@@ -1,5 +1,1 @@
-"""Evaluation of the global adapter."""
-
-from fedit.evaluate.loss import EvalSet, evaluate_loss
-
-__all__ = ["EvalSet", "evaluate_loss"]
+"""Above the round loop: comparison of arms, generation metrics, the LLM judge, reports."""

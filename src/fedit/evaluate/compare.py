@@ -22,29 +22,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedit.config import Config, ConfigError, config_from_dict, to_toml
-from fedit.data.partition import make_partition
-from fedit.data.records import load_records
+from fedit.config import Config, ConfigError, to_toml, variant
+from fedit.data.partition import load_partition
 from fedit.evaluate.generation import Embedder
-from fedit.evaluate.scoring import (
-    answer_metrics,
-    answers_for,
-    generation_subset,
-    judge_rows,
-    loss_on,
-)
+from fedit.evaluate.scoring import generation_subset, score_model
+from fedit.files import atomic_json, atomic_text
 from fedit.inference import load_for_inference, use_adapter
 from fedit.lora import get_adapter, load_adapter_state
 from fedit.progress import Progress
+from fedit.recipe import run_federation
 from fedit.seeding import generator
-from fedit.simulation import atomic_text, run_federation
-
-
-def variant(cfg: Config, **sections: dict[str, Any]) -> Config:
-    d = cfg.to_dict()
-    for section, changes in sections.items():
-        d[section].update(changes)
-    return config_from_dict(d)
 
 
 def _finished(folder: Path, rounds: int) -> list[dict[str, Any]] | None:
@@ -101,8 +88,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     arms = list(dict.fromkeys(cfg.compare.arms))
     out.mkdir(parents=True, exist_ok=True)
     atomic_text(out / "config.toml", to_toml(cfg))
-    records, _ = load_records(cfg.data)
-    partition = make_partition(records, cfg)
+    partition = load_partition(cfg)
     num_clients = len(partition.clients)
     rounds = cfg.federation.rounds
     arm_info: dict[str, dict[str, Any]] = {}
@@ -156,37 +142,47 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     # Evaluation: one model in memory, the adapters swapped in turn.
     progress.log("evaluating the arms")
     loaded = load_for_inference(cfg, None)
-    gen_records = generation_subset(partition.test, cfg.generate.per_category, cfg.seed)
-    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and gen_records else None
+    per_category = cfg.generate.per_category
+    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and per_category else None
     base_state = get_adapter(loaded.model)  # LoRA's B is zero here: the base model
 
-    def score(label: str, adapter: Path | None) -> dict[str, Any]:
+    def score(label: str, adapter: Path | None, loss: bool = False) -> dict[str, Any]:
+        """Answers and judge (and with `loss` the held-out loss) of one arm's adapter."""
         use_adapter(loaded, load_adapter_state(adapter) if adapter else base_state, adapter)
-        result: dict[str, Any] = {}
-        if gen_records:
-            rows = answers_for(loaded, gen_records, out / "answers" / f"{label}.jsonl", progress)
-            result.update(answer_metrics(rows, embedder))
-            if cfg.judge.base_url:
-                progress.log(f"judging {label} ({cfg.judge.model} at {cfg.judge.base_url})")
-                result["judge"] = judge_rows(cfg, rows, out / "judge_cache.jsonl", progress)
-        return result
+        s = score_model(
+            loaded,
+            partition.test,
+            loss=loss,
+            answers=out / "answers" / f"{label}.jsonl",
+            judge_cache=out / "judge_cache.jsonl",
+            embedder=embedder,
+            progress=progress,
+        )
+        flat: dict[str, Any] = {**s.get("generation", {})}
+        for key in ("eval", "judge"):
+            if key in s:
+                flat[key] = s[key]
+        return flat
 
     results: dict[str, Any] = {
         "rounds": rounds,
         "num_clients": num_clients,
         "clients_per_round": cfg.federation.clients_this_round(num_clients),
         "batch_size": cfg.client.batch_size,
-        "generation_items": len(gen_records),
+        "generation_items": len(generation_subset(partition.test, per_category, cfg.seed)),
         "arms": {},
     }
     if "base" in arms:
         base_cache = out / "base_eval.json"
-        if base_cache.is_file():
+        cached = base_cache.is_file()
+        base = score("base", None, loss=not cached)
+        if cached:
             base_eval = json.loads(base_cache.read_text(encoding="utf-8"))
         else:
-            base_eval = loss_on(loaded, partition.test)
-            atomic_text(base_cache, json.dumps(base_eval) + "\n")
-        results["arms"]["base"] = {**_loss_view(base_eval), **score("base", None), "steps": 0}
+            base_eval = base["eval"]
+            atomic_json(base_cache, base_eval, indent=None)
+        base.pop("eval", None)
+        results["arms"]["base"] = {**_loss_view(base_eval), **base, "steps": 0}
     for name in ("fedit", "centralized"):
         if name in arm_info:
             info = arm_info[name]
@@ -214,7 +210,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             )
         results["arms"]["local"] = _local_summary(per_client)
     results["arms"] = {a: results["arms"][a] for a in arms if a in results["arms"]}
-    atomic_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_json(out / "results.json", results)
     from fedit.evaluate.report import write_report
 
     write_report(results, out)

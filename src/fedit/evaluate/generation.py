@@ -1,100 +1,15 @@
-"""Answers by greedy decoding, and the metrics on them: ROUGE-L and embedding similarity."""
+"""Metrics on generated answers: ROUGE-L and embedding similarity against the reference."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fedit.models import ModelError
-
-
-@torch.inference_mode()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 8,
-    max_prompt_tokens: int = 1024,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    add_special_tokens: bool = True,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One answer per prompt: {'text', 'prompt_tokens', 'completion_tokens', 'finish_reason'}.
-
-    temperature 0 is greedy (deterministic); otherwise sampling from a seeded generator.
-    Prompts are left-padded and batched by length; a prompt longer than `max_prompt_tokens`
-    keeps its end (where the instruction and the answer cue are).
-    """
-    device = next(model.parameters()).device
-    dtype = getattr(model, "fedit_autocast", None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [
-        tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-max_prompt_tokens:]
-        for p in prompts
-    ]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[dict[str, Any]] = [{} for _ in prompts]
-    was_training = model.training
-    model.eval()
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    try:
-        for b, idx in enumerate(batches, 1):
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i])
-                ids[row, width - n :] = torch.tensor(encoded[i])
-                mask[row, width - n :] = 1
-            kwargs: dict[str, Any] = {
-                "input_ids": ids.to(device),
-                "attention_mask": mask.to(device),
-                "max_new_tokens": max_new_tokens,
-                "pad_token_id": pad,
-                "eos_token_id": tokenizer.eos_token_id,
-            }
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            ctx = (
-                torch.autocast(device.type, dtype=dtype)
-                if dtype is not None
-                else contextlib.nullcontext()
-            )
-            # generate() samples from the global RNG: seed it inside a fork, restore after.
-            with ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if temperature > 0:
-                    torch.manual_seed(seed + b)
-                seqs = model.generate(**kwargs)
-            for row, i in enumerate(idx):
-                new = seqs[row, width:].tolist()
-                finish = "length"
-                if tokenizer.eos_token_id in new:
-                    new = new[: new.index(tokenizer.eos_token_id)]
-                    finish = "stop"
-                while new and new[-1] == pad and pad != tokenizer.eos_token_id:
-                    new.pop()
-                out[i] = {
-                    "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                    "prompt_tokens": len(encoded[i]),
-                    "completion_tokens": len(new),
-                    "finish_reason": finish,
-                }
-            if on_batch:
-                on_batch(b, len(batches))
-    finally:
-        model.train(was_training)
-    return out
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from fedit.files import atomic_file, atomic_text
 
 ARM_NAMES = {
     "base": "base (no tuning)",
@@ -128,14 +129,11 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, dpi=110, format="png")
     return path
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
-    from fedit.simulation import atomic_text
-
     atomic_text(out / "results.md", markdown(results))
     plots(results, out)

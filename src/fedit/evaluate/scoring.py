@@ -8,21 +8,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedit.data.partition import make_partition
-from fedit.data.prompts import tokenize_records
-from fedit.data.records import Record, load_records
-from fedit.evaluate.generation import Embedder, generate, rouge_l
+from fedit.config import Config
+from fedit.data.partition import load_partition
+from fedit.data.records import Record
+from fedit.evaluate.generation import Embedder, rouge_l
 from fedit.evaluate.judge import Judge, judge_answers
-from fedit.evaluate.loss import EvalSet, evaluate_loss
-from fedit.inference import Loaded, prompt_for
+from fedit.files import atomic_lines
+from fedit.heldout import evaluate_loss, heldout_set
+from fedit.inference import Loaded, generate, prompt_for
+from fedit.progress import Progress
 from fedit.seeding import generator
-from fedit.simulation import atomic_text, eval_subset
 
 
-def held_out(cfg: Any) -> list[Record]:
+def held_out(cfg: Config) -> list[Record]:
     """The run's test split: the same records for the same seed and data settings."""
-    records, _ = load_records(cfg.data)
-    return make_partition(records, cfg).test
+    return load_partition(cfg).test
 
 
 def generation_subset(test: Sequence[Record], per_category: int, seed: int) -> list[Record]:
@@ -44,18 +44,43 @@ def question_text(record: Record) -> str:
     return f"{record.instruction}\n\n{ctx}" if ctx else record.instruction
 
 
-def loss_on(loaded: Loaded, test: Sequence[Record]) -> dict[str, Any]:
+def score_model(
+    loaded: Loaded,
+    test: Sequence[Record],
+    *,
+    loss: bool = True,
+    answer: bool = True,
+    answers: Path | None = None,
+    judge_cache: Path | None = None,
+    embedder: Embedder | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One model on the held-out split: 'eval' (loss, overall and per category, on the same
+    examples a run evaluates), 'generation' (ROUGE-L, similarity) and 'judge' as configured.
+
+    `fedit eval` and every arm of `fedit compare` are scored by this function.
+    """
     cfg = loaded.cfg
-    examples, _ = tokenize_records(
-        test, loaded.tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs
-    )
-    examples = eval_subset(examples, cfg)
-    pad = int(loaded.tokenizer.pad_token_id)
-    return evaluate_loss(loaded.model, EvalSet.build(examples, cfg.eval.micro_batch_size), pad)
+    progress = progress or Progress(enabled=False)
+    result: dict[str, Any] = {}
+    if loss:
+        held = heldout_set(test, loaded.tokenizer, cfg)
+        progress.log(f"held-out loss on {held.describe()} ({loaded.label})")
+        pad = int(loaded.tokenizer.pad_token_id)
+        result["eval"] = evaluate_loss(loaded.model, held.eval_set, pad)
+    records = generation_subset(test, cfg.generate.per_category, cfg.seed) if answer else []
+    if records:
+        rows = answers_for(loaded, records, answers, progress)
+        result["generation"] = answer_metrics(rows, embedder)
+        if cfg.judge.base_url:
+            progress.log(f"judging {loaded.label} ({cfg.judge.model} at {cfg.judge.base_url})")
+            cache = judge_cache or Path("runs") / "judge_cache.jsonl"
+            result["judge"] = judge_rows(cfg, rows, cache, progress)
+    return result
 
 
 def answers_for(
-    loaded: Loaded, records: Sequence[Record], cache: Path | None, progress: Any = None
+    loaded: Loaded, records: Sequence[Record], cache: Path | None, progress: Progress | None = None
 ) -> list[dict[str, Any]]:
     """Greedy answers, reused from `cache` when it holds the same prompts and settings."""
     cfg = loaded.cfg
@@ -94,7 +119,7 @@ def answers_for(
         for r, o in zip(records, outs, strict=True)
     ]
     if cache is not None:
-        atomic_text(cache, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_lines(cache, rows)
     return rows
 
 
@@ -116,7 +141,7 @@ def answer_metrics(rows: Sequence[dict[str, Any]], embedder: Embedder | None) ->
 
 
 def judge_rows(
-    cfg: Any, rows: Sequence[dict[str, Any]], cache: Path, progress: Any = None
+    cfg: Config, rows: Sequence[dict[str, Any]], cache: Path, progress: Progress | None = None
 ) -> dict[str, Any]:
     judge = Judge(cfg.judge, cache)
 

@@ -69,18 +69,34 @@ def trimmed_mean(states: Sequence[AdapterState], ratio: float) -> AdapterState:
     return out
 
 
+def like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`reference` cut to `value`'s shape (a client of lower LoRA rank sends a leading slice)."""
+    if reference.shape == value.shape:
+        return reference
+    return reference[tuple(slice(0, n) for n in value.shape)]
+
+
 def update_norm(state: AdapterState, reference: AdapterState) -> float:
-    """L2 norm of (state - reference) over the keys of `state`."""
-    sq = sum(float((v.double() - reference[k].double()).pow(2).sum()) for k, v in state.items())
+    """L2 norm of (state - reference) over the keys of `state`, in float64.
+
+    The one norm behind `strategy.clip_norm`, DP-FedAvg's clipping and the fault screen.
+    """
+    sq = 0.0
+    for k, v in state.items():
+        sq += float((v.double() - like(reference[k], v).double()).pow(2).sum())
     return math.sqrt(sq)
+
+
+def clip_scale(norm: float, bound: float) -> float:
+    """The factor that brings a change of L2 norm `norm` within `bound` (1 if it is)."""
+    return bound / norm if norm > bound and norm > 0 else 1.0
 
 
 def clip_update(state: AdapterState, reference: AdapterState, max_norm: float) -> AdapterState:
     """reference + (state - reference) scaled down to L2 norm `max_norm` if it is longer."""
-    norm = update_norm(state, reference)
-    if norm <= max_norm or norm == 0:
+    scale = clip_scale(update_norm(state, reference), max_norm)
+    if scale == 1.0:
         return state
-    scale = max_norm / norm
     return {k: reference[k] + (v - reference[k]) * scale for k, v in state.items()}
 
 

@@ -1,7 +1,7 @@
 """Aggregation strategies: pure tensor math over adapter states, cross-round state explicit."""
 
-from fedit.strategies import fedavg, scaffold, serveropt
-from fedit.strategies.aggregate import (
+from fedit.server.strategies import fedavg, scaffold, serveropt
+from fedit.server.strategies.aggregate import (
     coordinate_median,
     fold_svd,
     stack_factors,
@@ -9,7 +9,7 @@ from fedit.strategies.aggregate import (
     trimmed_mean,
     weighted_average,
 )
-from fedit.strategies.base import STRATEGIES, FedAvg, Strategy, build_strategy
+from fedit.server.strategies.base import STRATEGIES, FedAvg, Strategy, build_strategy
 
 __all__ = [
     "STRATEGIES",

@@ -4,7 +4,7 @@ Flower's deployment engine starts a fresh `flwr-clientapp` process for every mes
 ClientApp that loaded the model itself would load it again every round. fedit's ClientApp is a
 thin shim instead: it hands each task over a local, authenticated Unix socket to this worker,
 which the first message of a run starts and which keeps the model, the tokenized local data and
-the same `Federation.train_client` (hence `train_local`) as the simulation for the whole run.
+a client runtime (hence `train_local`) like the simulation's for the whole run.
 The worker exits when the server says the run is over, when the SuperNode that started it is
 gone, or after `flower.worker_idle_timeout` idle seconds.
 
@@ -72,7 +72,7 @@ def connect(
         log = sock.with_suffix(".log")
         # The SuperNode's SuperExec outlives each flwr-clientapp: the worker watches it.
         watch = os.getppid()
-        cmd = [sys.executable, "-m", "fedit.flower.node", "--socket", str(sock),
+        cmd = [sys.executable, "-m", "fedit.engines.flower.node", "--socket", str(sock),
                "--watch-pid", str(watch), "--idle-timeout", str(idle_timeout)]  # fmt: skip
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -91,7 +91,7 @@ def connect(
         raise RuntimeError(f"fedit node worker did not start within {SPAWN_TIMEOUT:.0f}s")
 
 
-def call(conn: Connection, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+def call(conn: Connection, kind: str, payload: dict[str, Any]) -> Any:
     try:
         conn.send((kind, payload))
         status, reply = conn.recv()
@@ -99,68 +99,67 @@ def call(conn: Connection, kind: str, payload: dict[str, Any]) -> dict[str, Any]
         conn.close()
     if status != "ok":
         raise RuntimeError(reply)
-    return dict(reply)
+    return reply
 
 
 # ---------------------------------------------------------------- the worker process
 
 
 class NodeState:
-    """What the worker keeps for the run: the config, the Federation view of its data."""
+    """What the worker keeps for the run: the client runtime of the client this node holds."""
 
     def __init__(self) -> None:
-        self.fed: Any = None
+        self.runtime: Any = None
         self.config_json = ""
         self.client_id = 0
-        self.data_index = 0
         self.num_records = 0
         self.model_loads = 0
+        self.state_root = Path(tempfile.gettempdir())
+        self.run_id: str | None = None
 
     def setup(self, config_json: str, node_config: dict[str, Any]) -> None:
-        if self.fed is not None:
+        if self.runtime is not None:
             if config_json != self.config_json:
                 raise RuntimeError("the run's config changed under a running node worker")
             return
         import torch
 
-        from fedit.config import config_from_dict
-        from fedit.simulation import Federation
+        from fedit.client.runtime import ClientRuntime
+        from fedit.config import config_from_dict, variant
+        from fedit.data.partition import load_partition
+        from fedit.data.records import load_records
+        from fedit.lora import load_lora_model
 
         cfg = config_from_dict(json.loads(config_json))
-        cfg.federation.workers = 1
         data_path = node_config.get("data-path")
         if data_path:
-            # A node with only its own records: they are one client here, the id comes from
-            # the node config (it seeds the client's training).
-            cfg.data.path = str(data_path)
-            cfg.data.test_per_category = 0
-            cfg.data.max_records = 0
-            cfg.partition.method = "iid"
-            cfg.partition.num_clients = 1
-            cfg.partition.only = []
-            cfg.partition.pooled = False
-            cfg.federation.clients_per_round = 1
+            # A node with only its own records: they are one client, whose id comes from the
+            # node config (it seeds the client's training).
+            cfg = variant(cfg, data={"path": str(data_path), "max_records": 0})
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
-            self.data_index = 0
+            records, _ = load_records(cfg.data)
         else:
             if "partition-id" not in node_config:
                 raise RuntimeError(
                     "node config needs 'partition-id' (a client of the config's partition) or "
                     "'data-path' (this node's own records, with 'client-id')"
                 )
-            self.client_id = self.data_index = int(node_config["partition-id"])
-        cfg.eval.every = 0
+            self.client_id = int(node_config["partition-id"])
+            clients = load_partition(cfg).clients
+            if not 0 <= self.client_id < len(clients):
+                raise RuntimeError(
+                    f"partition-id {self.client_id} is not a client of the partition "
+                    f"(0..{len(clients) - 1})"
+                )
+            records = clients[self.client_id]
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        self.fed = Federation(cfg)
+        self.runtime = ClientRuntime(cfg, load_lora_model(cfg), {self.client_id: records})
         self.model_loads += 1
         self.config_json = config_json
-        if not 0 <= self.data_index < len(self.fed.partition.clients):
-            raise RuntimeError(
-                f"partition-id {self.data_index} is not a client of the partition "
-                f"(0..{len(self.fed.partition.clients) - 1})"
-            )
-        self.num_records = len(self.fed.partition.clients[self.data_index])
+        self.num_records = len(records)
+        where = node_config.get("state-dir") or node_config.get("work-dir")
+        self.state_root = Path(str(where)) if where else Path(tempfile.gettempdir())
 
     def hello(self, p: dict[str, Any]) -> dict[str, Any]:
         self.setup(p["config"], p["node_config"])
@@ -171,42 +170,23 @@ class NodeState:
             "pid": os.getpid(),
         }
 
-    def train(self, p: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        from fedit.client import ClientPlan
+    def train(self, p: dict[str, Any]) -> Any:
+        from fedit.client.runtime import ClientStore
 
         self.setup(p["config"], p["node_config"])
-        adapter = {k: torch.from_numpy(v) for k, v in p["adapter"].items()}
-        correction = p.get("correction")
-        plan = ClientPlan(
-            prox_mu=p["prox_mu"],
-            correction={k: torch.from_numpy(v) for k, v in correction.items()}
-            if correction
-            else None,
-            train_lora_A=p["train_lora_A"],
-            rank=p["rank"],
-        )
-        if p["client"] != self.client_id:
-            raise RuntimeError(f"task for client {p['client']} reached client {self.client_id}")
-        update = self.fed.train_client(
-            p["round"], self.client_id, "node", adapter, plan, data_index=self.data_index
-        )
-        if update.wire is not None:  # the encoded delta travels, not the decoded adapter
-            return {
-                "wire": {
-                    f"{k}::{part}": a for k, w in update.wire.items() for part, a in w.items()
-                },
-                "num_examples": update.num_examples,
-                "num_steps": update.num_steps,
-                "metrics": {**update.metrics, "model_loads": float(self.model_loads)},
-            }
-        return {
-            "adapter": {k: v.numpy() for k, v in update.state.items()},
-            "num_examples": update.num_examples,
-            "num_steps": update.num_steps,
-            "metrics": {**update.metrics, "model_loads": float(self.model_loads)},
-        }
+        payload = p["payload"]
+        if int(payload.values["client"]) != self.client_id:
+            raise RuntimeError(
+                f"task for client {payload.values['client']} reached client {self.client_id}"
+            )
+        run_id = str(payload.values.get("run_id", ""))
+        if run_id != self.run_id:  # the client's own state, on this node's disk, per run
+            folder = self.state_root / "fedit-client-state" / (run_id or "unnamed")
+            self.runtime.store = ClientStore(folder)
+            self.run_id = run_id
+        reply = self.runtime.handle(payload, "node")
+        reply.values["metric.model_loads"] = float(self.model_loads)
+        return reply
 
 
 def serve(sock: Path, watch_pid: int, idle_timeout: float) -> None:

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import torch
 
-from fedit.client import ClientPlan, Update
 from fedit.config import Config
 from fedit.lora import AdapterState
-from fedit.strategies.base import STRATEGIES, FedAvg
+from fedit.protocol import ClientPlan, Update
+from fedit.server.strategies.base import STRATEGIES, FedAvg
 
 
 class Scaffold(FedAvg):

@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from fedit.config import ConfigError, iter_keys, load_config, to_toml
+from fedit.cli.answers import cmd_chat, cmd_eval, cmd_generate, cmd_serve
+from fedit.config import iter_keys, load_config, to_toml
 from fedit.errors import FeditError
 
 
@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedit.progress import Progress, summary_table
-    from fedit.simulation import run_federation
+    from fedit.recipe import run_federation
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -191,193 +191,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_source(args: argparse.Namespace) -> object:
-    from fedit.inference import load_for_inference, resolve_source
-
-    cfg, default_adapter = resolve_source(args.source, args.overrides)
-    if args.base:
-        adapter = None
-    elif args.adapter:
-        adapter = Path(args.adapter)
-    elif default_adapter.is_dir():
-        adapter = default_adapter
-    else:
-        raise ConfigError(
-            f"{args.source}: no adapter at {default_adapter}; pass --adapter DIR or --base"
-        )
-    return load_for_inference(cfg, adapter)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from fedit.evaluate.generation import Embedder
-    from fedit.evaluate.scoring import (
-        answer_metrics,
-        answers_for,
-        generation_subset,
-        held_out,
-        judge_rows,
-        loss_on,
-    )
-    from fedit.progress import Progress
-
-    loaded: Any = _load_source(args)
-    cfg = loaded.cfg
-    progress = Progress()
-    out = Path(args.out) if args.out else None
-    test = held_out(cfg)
-    progress.log(f"held-out loss on {len(test)} test records ({loaded.label})")
-    result: dict[str, Any] = {"model": cfg.model.name, "adapter": str(loaded.adapter)}
-    result["eval"] = loss_on(loaded, test)
-    if not args.no_generate and cfg.generate.per_category:
-        rows = answers_for(
-            loaded,
-            generation_subset(test, cfg.generate.per_category, cfg.seed),
-            out / "answers.jsonl" if out else None,
-            progress,
-        )
-        embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder else None
-        result["generation"] = answer_metrics(rows, embedder)
-        if cfg.judge.base_url:
-            cache = (out or Path("runs")) / "judge_cache.jsonl"
-            result["judge"] = judge_rows(cfg, rows, cache, progress)
-    ev = result["eval"]
-    print(f"held-out loss {ev['loss']:.4f}  ppl {ev['ppl']:.2f}")
-    for cat, v in ev["per_category"].items():
-        print(f"  {cat:<24} loss {v['loss']:.4f}  ppl {v['ppl']:8.2f}")
-    gen = result.get("generation")
-    if gen:
-        sim = gen.get("similarity")
-        print(
-            f"answers: {gen['answers']}  ROUGE-L {gen['rougeL']:.4f}"
-            + (f"  similarity {sim:.4f}" if sim is not None else "")
-        )
-    for mode, j in (result.get("judge") or {}).items():
-        if isinstance(j, dict):
-            rel = j.get("relative")
-            print(
-                f"judge ({mode}): score {j['score']}"
-                + (f", {100 * rel:.1f}% of the reference" if rel is not None else "")
-                + f", {j['unparsed_replies']} unreadable replies"
-            )
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "eval.json")
-        print(f"written: {out / 'eval.json'}")
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import json
-
-    from fedit.data.records import Record, read_prompts
-    from fedit.evaluate.generation import generate
-    from fedit.inference import prompt_for
-
-    loaded: Any = _load_source(args)
-    cfg = loaded.cfg
-    if args.prompt is not None:
-        records = [Record(instruction=args.prompt, response="", context=args.input)]
-    else:
-        records = read_prompts(Path(args.prompts))
-    prompts = [prompt_for(r, cfg, loaded.tokenizer) for r in records]
-    outs = generate(
-        loaded.model,
-        loaded.tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens or cfg.generate.max_new_tokens,
-        batch_size=cfg.generate.batch_size,
-        max_prompt_tokens=max(cfg.data.cutoff_len, 2048),
-        temperature=args.temperature,
-        seed=cfg.seed,
-        add_special_tokens=cfg.data.template != "chat",
-    )
-    if args.prompt is not None and not args.output:
-        print(outs[0]["text"])
-        return 0
-    lines = [
-        json.dumps({"instruction": r.instruction, "input": r.context, "output": o["text"]})
-        for r, o in zip(records, outs, strict=True)
-    ]
-    if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, out)
-        print(f"wrote {len(lines)} answers to {out}", file=sys.stderr)
-    else:
-        print("\n".join(lines))
-    return 0
-
-
-def _cmd_chat(args: argparse.Namespace) -> int:
-    from fedit.evaluate.generation import generate
-    from fedit.inference import messages_to_record, prompt_for
-
-    loaded: Any = _load_source(args)
-    cfg = loaded.cfg
-    print(
-        f"chatting with {loaded.label}; empty line or Ctrl-D quits, /reset forgets",
-        file=sys.stderr,
-    )
-    messages: list[dict[str, str]] = []
-    while True:
-        try:
-            text = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if not text:
-            return 0
-        if text == "/reset":
-            messages = []
-            continue
-        messages.append({"role": "user", "content": text})
-        prompt = prompt_for(messages_to_record(messages), cfg, loaded.tokenizer)
-        (answer,) = generate(
-            loaded.model,
-            loaded.tokenizer,
-            [prompt],
-            max_new_tokens=args.max_new_tokens or cfg.generate.max_new_tokens,
-            batch_size=1,
-            max_prompt_tokens=max(cfg.data.cutoff_len, 2048),
-            temperature=args.temperature,
-            seed=cfg.seed + len(messages),
-            add_special_tokens=cfg.data.template != "chat",
-        )
-        print(f"model> {answer['text']}")
-        messages.append({"role": "assistant", "content": answer["text"]})
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from fedit.serve import make_server
-
-    loaded: Any = _load_source(args)
-    httpd, _ = make_server(
-        loaded,
-        args.host,
-        args.port,
-        args.model_id,
-        args.max_new_tokens or loaded.cfg.generate.max_new_tokens,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
-    # The readiness line: scripts wait for it (and read the port when --port 0).
-    print(f"serving {loaded.label} as {args.model_id!r} on http://{host}:{port}/v1", flush=True)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
-    return 0
-
-
 def _cmd_federate(args: argparse.Namespace) -> int:
-    from fedit.flower.launch import federate
+    from fedit.engines.flower.launch import federate
     from fedit.progress import summary_table
 
     cfg = load_config(args.config, args.overrides)
@@ -397,7 +212,7 @@ def _cmd_federate(args: argparse.Namespace) -> int:
 
 
 def _cmd_flower_app(args: argparse.Namespace) -> int:
-    from fedit.flower.launch import FEDERATION, write_app, write_federation
+    from fedit.engines.flower.launch import FEDERATION, write_app, write_federation
 
     cfg = load_config(args.config, args.overrides)
     app = write_app(Path(args.app), cfg, Path(args.out))
@@ -411,7 +226,7 @@ def _cmd_flower_app(args: argparse.Namespace) -> int:
 
 
 def _cmd_flower_certs(args: argparse.Namespace) -> int:
-    from fedit.flower.certs import make_pki
+    from fedit.engines.flower.certs import make_pki
 
     hosts = args.host or ["127.0.0.1", "localhost"]
     paths = make_pki(Path(args.folder), args.nodes, hosts)
@@ -446,10 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "partition": _cmd_partition,
         "config": _cmd_config,
         "compare": _cmd_compare,
-        "eval": _cmd_eval,
-        "generate": _cmd_generate,
-        "chat": _cmd_chat,
-        "serve": _cmd_serve,
+        "eval": cmd_eval,
+        "generate": cmd_generate,
+        "chat": cmd_chat,
+        "serve": cmd_serve,
         "federate": _cmd_federate,
         "flower-app": _cmd_flower_app,
         "flower-certs": _cmd_flower_certs,

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedit.config import Config
+from fedit.engines.flower.certs import make_pki
 from fedit.errors import FeditError
-from fedit.flower.certs import make_pki
+from fedit.files import atomic_json, atomic_text
 
 
 class FederateError(FeditError, RuntimeError):
@@ -74,16 +75,14 @@ packages = ["."]
 publisher = "fedit"
 
 [tool.flwr.app.components]
-serverapp = "fedit.flower.app:server_app"
-clientapp = "fedit.flower.app:client_app"
+serverapp = "fedit.engines.flower.app:server_app"
+clientapp = "fedit.engines.flower.app:client_app"
 
 [tool.flwr.app.config]
 fedit-config = {json.dumps(config_json)}
 out-dir = {json.dumps(str(out_dir.resolve()))}
 """
-    tmp = folder / ".pyproject.toml.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / "pyproject.toml")
+    atomic_text(folder / "pyproject.toml", text)
     return folder
 
 
@@ -128,9 +127,7 @@ class Processes:
     def record(self, path: Path) -> None:
         """pids.json: which processes this launch started (to find them, or stop them)."""
         data = {name: proc.pid for name, proc in self.procs}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_json(path, data)
 
     def stop(self, timeout: float = 15.0) -> None:
         # Flower starts helpers in sessions of their own (SuperExec, ServerApp): find the
@@ -271,7 +268,9 @@ def federate(
         say(f"SuperLink on 127.0.0.1:{port}{' (TLS, node auth)' if pki else ''}, logs in "
             f"{flower / 'logs'}")  # fmt: skip
         for i in range(nodes):
-            cfg_text = f"partition-id={i} num-partitions={nodes}"
+            # Each node keeps its client's state (error feedback) in a folder of its own.
+            state = flower / "nodes" / f"node-{i}"
+            cfg_text = f'partition-id={i} num-partitions={nodes} state-dir="{state}"'
             if pki:
                 register_node(pki[f"node-{i}.pub"], env)
             cmd = supernode_cmd(

@@ -1,53 +1,26 @@
-"""`train_local`: THE training loop. Simulation and every other engine call this one function."""
+"""`train_local`: THE training loop. Every engine reaches it through the client runtime."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import get_scheduler
 
-from fedit.batching import Plan, collate, token_losses, training_plan
+from fedit.client.batching import Plan, collate, token_losses, training_plan
 from fedit.config import ClientConfig
 from fedit.data.prompts import Example
 from fedit.lora import AdapterState, adapter_parameters, get_adapter, set_adapter
+from fedit.protocol import ClientPlan, Update
 from fedit.seeding import derive_seed, generator
 
 # on_step(step, total_steps, loss of that step)
 StepCallback = Callable[[int, int, float], None]
 
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-@dataclass
-class ClientPlan:
-    """What the strategy asks of one client's local training this round."""
-
-    # FedProx: adds mu/2 * ||w - w_global||^2 over the LoRA weights to the loss.
-    prox_mu: float = 0.0
-    # SCAFFOLD: c - c_i, added to every gradient (keys as in the adapter state).
-    correction: AdapterState | None = None
-    # FFA-LoRA: A stays at its shared init; only B is trained and sent back.
-    train_lora_A: bool = True
-    # Heterogeneous ranks: train and send only the first `rank` LoRA components.
-    rank: int | None = None
-
-
-@dataclass
-class Update:
-    """What a client sends back: its adapter after local training, and how it got there."""
-
-    client_id: int
-    state: AdapterState
-    num_examples: int
-    num_steps: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    # With update compression: the encoded delta per tensor, what actually travels over Flower.
-    wire: dict[str, dict[str, Any]] | None = None
 
 
 def train_local(

@@ -7,11 +7,11 @@ from typing import Protocol
 
 import torch
 
-from fedit.client import ClientPlan, Update
 from fedit.config import Config, ConfigError
 from fedit.lora import AdapterState
+from fedit.protocol import ClientPlan, Update
 from fedit.registry import Registry
-from fedit.strategies.aggregate import (
+from fedit.server.strategies.aggregate import (
     clip_update,
     coordinate_median,
     svd_average,

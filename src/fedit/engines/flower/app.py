@@ -5,8 +5,9 @@ checkpoints, resume, metrics); only "train these clients" goes over Flower: the 
 adapter and the strategy's client plan travel as ArrayRecord / ConfigRecord messages to the
 nodes holding the chosen clients, and their updates come back the same way.
 
-ClientApp: a shim that forwards each task to the node's long-lived worker (fedit.flower.node),
-which holds the base model for the whole run and trains with `train_local`.
+ClientApp: a shim that forwards each task to the node's long-lived worker
+(fedit.engines.flower.node), whose client runtime holds the base model for the whole run and
+trains with `train_local`.
 
 Run config keys (set by `fedit federate` / `fedit flower-app`): `fedit-config` (the fedit
 config as JSON) and `out-dir` (run folder on the server host).
@@ -16,26 +17,46 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedit.flower import node
+from fedit.engines.flower import node
+from fedit.protocol import Payload, Task, Update
+
+if TYPE_CHECKING:
+    import torch
+
 
 client_app = ClientApp()
 server_app = ServerApp()
 
 
-def _arrays(state: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+# Task keys the shim uses itself; the rest of the task record is the payload's scalars.
+SHIM_KEYS = ("config", "worker_idle_timeout", "kind")
 
 
-def _numpy(record: Any) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+def _content(payload: Payload, task: dict[str, Any] | None = None) -> RecordDict:
+    """A payload as Flower records: one ArrayRecord per array group, the scalars in 'task'."""
+    records: dict[str, Any] = {
+        group: ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
+        for group, arrays in payload.arrays.items()
+    }
+    records["task"] = ConfigRecord({**payload.values, **(task or {})})
+    return RecordDict(records)
+
+
+def _payload(content: Any) -> Payload:
+    arrays = {
+        group: {k: v.numpy() for k, v in rec.items()}
+        for group, rec in content.array_records.items()
+    }
+    values = {k: v for k, v in content["task"].items() if k not in SHIM_KEYS}
+    return Payload(arrays, values)
 
 
 # ---------------------------------------------------------------- ClientApp (the shim)
@@ -63,24 +84,13 @@ def query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     task: Any = msg.content["task"]
-    payload: dict[str, Any] = {
+    payload = {
         "config": task["config"],
         "node_config": dict(context.node_config),
-        "round": int(task["round"]),
-        "client": int(task["client"]),
-        "prox_mu": float(task["prox_mu"]),
-        "train_lora_A": bool(task["train_lora_A"]),
-        "rank": int(task["rank"]) if int(task["rank"]) >= 0 else None,
-        "adapter": _numpy(msg.content["adapter"]),
+        "payload": _payload(msg.content),
     }
-    if "correction" in msg.content:
-        payload["correction"] = _numpy(msg.content["correction"])
     reply = node.call(_worker(context, msg), "train", payload)
-    metrics: dict[str, Any] = {k: float(v) for k, v in reply["metrics"].items()}
-    metrics.update(num_examples=float(reply["num_examples"]), num_steps=float(reply["num_steps"]))
-    key = "wire" if "wire" in reply else "adapter"
-    content = RecordDict({key: _arrays(reply[key]), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    return Message(_content(reply), reply_to=msg)
 
 
 # ---------------------------------------------------------------- ServerApp
@@ -173,40 +183,18 @@ class FlowerClients:
         self.progress.log(f"clients on nodes: {dict(sorted(self.node_of.items()))}")
         return [sizes[c] for c in range(want)]
 
-    def launch(
-        self, rnd: int, chosen: list[int], adapter: Any, plans: dict[int, Any]
-    ) -> list[tuple[int, Callable[[], Any]]]:
-        import torch
-
-        from fedit.client import Update
-        from fedit.compression import Codec
-
-        codec = Codec.from_config(self.cfg.compression)
-
+    def launch(self, tasks: Sequence[Task]) -> list[tuple[int, Callable[[], Update]]]:
         online = set(self.grid.get_node_ids())
         messages, reasons = [], {}
-        for c in chosen:
-            n = self.node_of[c]
+        rnd = tasks[0].round if tasks else 0
+        for t in tasks:
+            n = self.node_of[t.client]
             if n not in online:
-                reasons[c] = f"node {n} is not connected"
+                reasons[t.client] = f"node {n} is not connected"
                 continue
-            plan = plans[c]
-            content = RecordDict(
-                {
-                    "adapter": _arrays({k: v.numpy() for k, v in adapter.items()}),
-                    "task": self._task(
-                        round=rnd,
-                        client=c,
-                        prox_mu=float(plan.prox_mu),
-                        train_lora_A=bool(plan.train_lora_A),
-                        rank=-1 if plan.rank is None else int(plan.rank),
-                    ),
-                }
-            )
-            if plan.correction is not None:
-                content["correction"] = _arrays({k: v.numpy() for k, v in plan.correction.items()})
+            content = _content(t.to_payload(), dict(self._task()))
             messages.append(
-                Message(content, dst_node_id=n, message_type="train", group_id=str(rnd))
+                Message(content, dst_node_id=n, message_type="train", group_id=str(t.round))
             )
         replies, missing = self._exchange(messages, self.cfg.flower.round_timeout)
         client_of = {n: c for c, n in self.node_of.items()}
@@ -219,33 +207,24 @@ class FlowerClients:
             def get() -> Update:
                 if c in reasons:
                     raise RuntimeError(reasons[c])
-                reply = replies[self.node_of[c]]
-                m: dict[str, Any] = dict(reply.content["metrics"])
-                if "wire" in reply.content:  # an encoded delta: decode onto the global adapter
-                    parts: dict[str, dict[str, np.ndarray]] = {}
-                    for name, arr in _numpy(reply.content["wire"]).items():
-                        k, part = name.rsplit("::", 1)
-                        parts.setdefault(k, {})[part] = arr
-                    state = {
-                        k: (adapter[k].float() + codec.decode(w, tuple(adapter[k].shape))).to(
-                            adapter[k].dtype
-                        )
-                        for k, w in parts.items()
-                    }
-                else:
-                    arrays = _numpy(reply.content["adapter"])
-                    state = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-                return Update(
-                    client_id=c,
-                    state=state,
-                    num_examples=int(m.pop("num_examples")),
-                    num_steps=int(m.pop("num_steps")),
-                    metrics={k: float(v) for k, v in m.items()},
-                )
+                return Update.from_payload(_payload(replies[self.node_of[c]].content))
 
             return get
 
-        return [(c, result(c)) for c in chosen]
+        return [(t.client, result(t.client)) for t in tasks]
+
+    def client_state(self, upto: int) -> dict[str, torch.Tensor] | None:
+        return None  # each node keeps its client's state on its own disk
+
+    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise RuntimeError(
+                "the checkpoint holds client state of clients trained in the server's process; "
+                "Flower nodes keep their own: resume it with `fedit run`"
+            )
+
+    def close(self) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """Tell every node's worker the run is over (it would also time out on its own)."""
@@ -262,19 +241,16 @@ def main(grid: Grid, context: Context) -> None:
 
     from fedit.config import config_from_dict
     from fedit.progress import Progress
-    from fedit.simulation import run_federation
+    from fedit.recipe import run_federation
 
     config_json = str(context.run_config["fedit-config"])
     cfg = config_from_dict(json.loads(config_json))
     out = Path(str(context.run_config["out-dir"]))
     progress = Progress()
     clients = FlowerClients(grid, cfg, config_json, progress)
-    try:
-        result = run_federation(cfg, out, resume=True, progress=progress, remote=clients)
-        last = next((h["eval"] for h in reversed(result.history) if h.get("eval")), None)
-        progress.log(
-            f"done: {cfg.federation.rounds} rounds, global adapter in {out / 'adapter'}"
-            + (f", held-out loss {last['loss']:.4f}" if last else "")
-        )
-    finally:
-        clients.stop()
+    result = run_federation(cfg, out, resume=True, progress=progress, engine=clients)
+    last = next((h["eval"] for h in reversed(result.history) if h.get("eval")), None)
+    progress.log(
+        f"done: {cfg.federation.rounds} rounds, global adapter in {out / 'adapter'}"
+        + (f", held-out loss {last['loss']:.4f}" if last else "")
+    )

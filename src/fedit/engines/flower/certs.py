@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,13 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+from fedit.files import atomic_bytes
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -78,10 +71,10 @@ def make_pki(folder: Path, nodes: int, hosts: Sequence[str] = ("127.0.0.1", "loc
         "cert": folder / "server.crt",
         "key": folder / "server.key",
     }
-    _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
-    _write(paths["ca_key"], _pem_key(ca_key), private=True)
-    _write(paths["cert"], server.public_bytes(serialization.Encoding.PEM))
-    _write(paths["key"], _pem_key(server_key), private=True)
+    atomic_bytes(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
+    atomic_bytes(paths["ca_key"], _pem_key(ca_key), private=True)
+    atomic_bytes(paths["cert"], server.public_bytes(serialization.Encoding.PEM))
+    atomic_bytes(paths["key"], _pem_key(server_key), private=True)
     for i in range(nodes):
         paths.update(make_node_key(folder, f"node-{i}"))
     return paths
@@ -98,6 +91,6 @@ def make_node_key(folder: Path, name: str) -> dict[str, Path]:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write(folder / name, private, private=True)
-    _write(folder / f"{name}.pub", public + b"\n")
+    atomic_bytes(folder / name, private, private=True)
+    atomic_bytes(folder / f"{name}.pub", public + b"\n")
     return {name: folder / name, f"{name}.pub": folder / f"{name}.pub"}

@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fedit.client import Update
 from fedit.config import Config
 from fedit.lora import AdapterState
-from fedit.strategies.base import STRATEGIES, FedAvg
+from fedit.protocol import Update
+from fedit.server.strategies.base import STRATEGIES, FedAvg
 
 KINDS = ("avgm", "adam", "yogi", "adagrad")
 

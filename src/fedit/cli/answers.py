@@ -1,0 +1,181 @@
+"""`fedit eval`, `generate`, `chat`, `serve`: commands over a base model with a saved adapter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedit.config import ConfigError
+from fedit.files import atomic_json, atomic_text
+
+if TYPE_CHECKING:
+    from fedit.inference import Loaded
+
+
+def load_source(args: argparse.Namespace) -> Loaded:
+    from fedit.inference import load_for_inference, resolve_source
+
+    cfg, default_adapter = resolve_source(args.source, args.overrides)
+    if args.base:
+        adapter = None
+    elif args.adapter:
+        adapter = Path(args.adapter)
+    elif default_adapter.is_dir():
+        adapter = default_adapter
+    else:
+        raise ConfigError(
+            f"{args.source}: no adapter at {default_adapter}; pass --adapter DIR or --base"
+        )
+    return load_for_inference(cfg, adapter)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedit.evaluate.generation import Embedder
+    from fedit.evaluate.scoring import held_out, score_model
+    from fedit.progress import Progress
+
+    loaded = load_source(args)
+    cfg = loaded.cfg
+    out = Path(args.out) if args.out else None
+    generating = not args.no_generate and cfg.generate.per_category > 0
+    embedder = Embedder(cfg.generate.embedder) if generating and cfg.generate.embedder else None
+    result: dict[str, Any] = {"model": cfg.model.name, "adapter": str(loaded.adapter)}
+    result.update(
+        score_model(
+            loaded,
+            held_out(cfg),
+            answer=generating,
+            answers=out / "answers.jsonl" if out else None,
+            judge_cache=(out or Path("runs")) / "judge_cache.jsonl",
+            embedder=embedder,
+            progress=Progress(),
+        )
+    )
+    ev = result["eval"]
+    print(f"held-out loss {ev['loss']:.4f}  ppl {ev['ppl']:.2f}")
+    for cat, v in ev["per_category"].items():
+        print(f"  {cat:<24} loss {v['loss']:.4f}  ppl {v['ppl']:8.2f}")
+    gen = result.get("generation")
+    if gen:
+        sim = gen.get("similarity")
+        print(
+            f"answers: {gen['answers']}  ROUGE-L {gen['rougeL']:.4f}"
+            + (f"  similarity {sim:.4f}" if sim is not None else "")
+        )
+    for mode, j in (result.get("judge") or {}).items():
+        if isinstance(j, dict):
+            rel = j.get("relative")
+            print(
+                f"judge ({mode}): score {j['score']}"
+                + (f", {100 * rel:.1f}% of the reference" if rel is not None else "")
+                + f", {j['unparsed_replies']} unreadable replies"
+            )
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_json(out / "eval.json", result)
+        print(f"written: {out / 'eval.json'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from fedit.data.records import Record, read_prompts
+    from fedit.inference import generate, prompt_for
+
+    loaded = load_source(args)
+    cfg = loaded.cfg
+    if args.prompt is not None:
+        records = [Record(instruction=args.prompt, response="", context=args.input)]
+    else:
+        records = read_prompts(Path(args.prompts))
+    prompts = [prompt_for(r, cfg, loaded.tokenizer) for r in records]
+    outs = generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens or cfg.generate.max_new_tokens,
+        batch_size=cfg.generate.batch_size,
+        max_prompt_tokens=max(cfg.data.cutoff_len, 2048),
+        temperature=args.temperature,
+        seed=cfg.seed,
+        add_special_tokens=cfg.data.template != "chat",
+    )
+    if args.prompt is not None and not args.output:
+        print(outs[0]["text"])
+        return 0
+    lines = [
+        json.dumps({"instruction": r.instruction, "input": r.context, "output": o["text"]})
+        for r, o in zip(records, outs, strict=True)
+    ]
+    if args.output:
+        out = Path(args.output)
+        atomic_text(out, "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} answers to {out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fedit.inference import generate, messages_to_record, prompt_for
+
+    loaded = load_source(args)
+    cfg = loaded.cfg
+    print(
+        f"chatting with {loaded.label}; empty line or Ctrl-D quits, /reset forgets",
+        file=sys.stderr,
+    )
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not text:
+            return 0
+        if text == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = prompt_for(messages_to_record(messages), cfg, loaded.tokenizer)
+        (answer,) = generate(
+            loaded.model,
+            loaded.tokenizer,
+            [prompt],
+            max_new_tokens=args.max_new_tokens or cfg.generate.max_new_tokens,
+            batch_size=1,
+            max_prompt_tokens=max(cfg.data.cutoff_len, 2048),
+            temperature=args.temperature,
+            seed=cfg.seed + len(messages),
+            add_special_tokens=cfg.data.template != "chat",
+        )
+        print(f"model> {answer['text']}")
+        messages.append({"role": "assistant", "content": answer["text"]})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedit.serve import make_server
+
+    loaded = load_source(args)
+    httpd, _ = make_server(
+        loaded,
+        args.host,
+        args.port,
+        args.model_id,
+        args.max_new_tokens or loaded.cfg.generate.max_new_tokens,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    # The readiness line: scripts wait for it (and read the port when --port 0).
+    print(f"serving {loaded.label} as {args.model_id!r} on http://{host}:{port}/v1", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0

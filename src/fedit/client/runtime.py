@@ -1,0 +1,201 @@
+"""What runs on a data owner's machine for a run: the client runtime.
+
+A `ClientRuntime` holds the base model with LoRA attached, the records of the clients it
+serves (all of them in one process, one client on a Flower node), each client's tokenized data
+(tokenized once, on first use) and the state a client keeps between rounds (`ClientStore`: the
+error-feedback residuals of update compression). It answers a `Task` with an `Update` through
+the one `train_local`. Every engine builds this and nothing else on the client side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from fedit.client.train import train_local
+from fedit.compression import Codec
+from fedit.config import Config
+from fedit.data.prompts import Example, tokenize_records
+from fedit.data.records import DataError, Record
+from fedit.files import atomic_file
+from fedit.lora import AdapterState, LoraModel, state_bytes
+from fedit.progress import Progress
+from fedit.protocol import Payload, Task, Update
+from fedit.seeding import derive_seed
+
+_ROUND_FILE = re.compile(r"round_(\d{4,})\.safetensors$")
+
+
+class ClientStore:
+    """State each client keeps between its rounds, stamped with the round that produced it.
+
+    A client training round r continues from its latest state of a round before r, so a round
+    redone after the server resumes sees exactly what the interrupted one saw. With `folder`
+    (a Flower node) the state also lives on the node's disk, one file per client and round,
+    so it survives the node's worker and the server restarting.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.mem: dict[int, dict[int, AdapterState]] = {}
+
+    def _client_dir(self, client: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"client_{client:04d}"
+
+    def _rounds(self, client: int) -> dict[int, AdapterState | None]:
+        found: dict[int, AdapterState | None] = dict(self.mem.get(client, {}))
+        if self.folder is not None and self._client_dir(client).is_dir():
+            for p in self._client_dir(client).iterdir():
+                m = _ROUND_FILE.match(p.name)
+                if m and int(m.group(1)) not in found:
+                    found[int(m.group(1))] = None  # on disk, read when asked for
+        return found
+
+    def get(self, client: int, before: int) -> AdapterState | None:
+        rnd = self._used(client, before)
+        if rnd is None:
+            return None
+        state = self.mem.get(client, {}).get(rnd)
+        if state is None:
+            state = load_file(str(self._client_dir(client) / f"round_{rnd:04d}.safetensors"))
+        return state
+
+    def put(self, client: int, rnd: int, state: AdapterState) -> None:
+        # The server committed every round before this one, so only the state this round
+        # started from can be asked for again (if the round is redone): older entries go.
+        used = self._used(client, rnd)
+        for old in [r for r in self._rounds(client) if r < rnd and r != used]:
+            self.mem.get(client, {}).pop(old, None)
+            if self.folder is not None:
+                (self._client_dir(client) / f"round_{old:04d}.safetensors").unlink(missing_ok=True)
+        self.mem.setdefault(client, {})[rnd] = state
+        if self.folder is not None:
+            path = self._client_dir(client) / f"round_{rnd:04d}.safetensors"
+            with atomic_file(path, binary=True) as f:
+                f.write(_safetensors_bytes(state))
+
+    def _used(self, client: int, before: int) -> int | None:
+        """The round of the latest state before round `before`."""
+        earlier = [r for r in self._rounds(client) if r < before]
+        return max(earlier) if earlier else None
+
+    def state_dict(self, upto: int) -> dict[str, torch.Tensor]:
+        """Each client's latest state of a round <= `upto`, for the run's checkpoint."""
+        out: dict[str, torch.Tensor] = {}
+        for client in sorted(self.mem):
+            state = self.get(client, upto + 1)
+            rnd = self._used(client, upto + 1)
+            if state is not None:
+                out.update({f"{client}/{rnd}/{k}": v for k, v in state.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.mem = {}
+        for key, v in state.items():
+            client, rnd, name = key.split("/", 2)
+            self.mem.setdefault(int(client), {}).setdefault(int(rnd), {})[name] = v
+
+
+def _safetensors_bytes(state: AdapterState) -> bytes:
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+class ClientRuntime:
+    """The client side of a run for the clients in `data` (client id -> its records)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        lm: LoraModel,
+        data: Mapping[int, Sequence[Record]],
+        progress: Progress | None = None,
+        store: ClientStore | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.lm = lm
+        self.data = data
+        self.progress = progress or Progress(enabled=False)
+        self.store = store or ClientStore()
+        self.codec = Codec.from_config(cfg.compression)
+        self._examples: dict[int, list[Example]] = {}
+
+    @property
+    def model(self) -> object:
+        return self.lm.model
+
+    def sizes(self) -> list[int]:
+        """Record counts of clients 0..n-1 (what selection weighs clients by)."""
+        return [len(self.data[c]) for c in range(len(self.data))]
+
+    def examples(self, client: int) -> list[Example]:
+        """Tokenized once per client, on first use, then kept for the run."""
+        if client not in self._examples:
+            if client not in self.data:
+                raise DataError(f"client {client}: no data here (clients {sorted(self.data)})")
+            d = self.cfg.data
+            examples, dropped = tokenize_records(
+                self.data[client], self.lm.tokenizer, d.template, d.cutoff_len, d.train_on_inputs
+            )
+            if not examples:
+                raise DataError(
+                    f"client {client}: all {dropped} examples lose their response at "
+                    f"data.cutoff_len={d.cutoff_len}; raise it"
+                )
+            if dropped:
+                self.progress.log(
+                    f"client {client}: {dropped} of {dropped + len(examples)} examples dropped "
+                    f"(response starts past data.cutoff_len={d.cutoff_len})"
+                )
+            self._examples[client] = examples
+        return self._examples[client]
+
+    def train(self, task: Task, slot: str = "") -> Update:
+        """One client's local training from the task's adapter under its plan."""
+        rounds = self.cfg.federation.rounds
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            self.progress.step(task.round, rounds, slot, task.client, step, total, loss)
+
+        update = train_local(
+            self.lm.model,
+            task.adapter,
+            self.examples(task.client),
+            self.cfg.client,
+            client_id=task.client,
+            seed=derive_seed(self.cfg.seed, "client", task.round, task.client),
+            pad_token_id=self.lm.pad_id,
+            on_step=on_step,
+            plan=task.plan,
+        )
+        return self._encode(task, update)
+
+    def _encode(self, task: Task, update: Update) -> Update:
+        """Compression, client side: the delta is encoded; what it lost is kept for next time."""
+        if self.codec.method == "none":
+            update.metrics["bytes_up"] = float(state_bytes(update.state))
+            return update
+        adapter = task.adapter
+        delta = {k: v.float() - adapter[k].float() for k, v in update.state.items()}
+        keep = self.cfg.compression.error_feedback
+        residual = self.store.get(task.client, task.round) if keep else None
+        wires, _, left, nbytes = self.codec.compress(delta, residual)
+        if keep:
+            self.store.put(task.client, task.round, left)
+        update.wire, update.codec, update.state = wires, self.codec.method, {}
+        update.metrics["bytes_up"] = float(nbytes)
+        return update
+
+    def handle(self, payload: Payload, slot: str = "") -> Payload:
+        """The message boundary: a task payload in, an update payload out."""
+        return self.train(Task.from_payload(payload), slot).to_payload()
+
+    def state_dict(self, upto: int) -> dict[str, torch.Tensor]:
+        return self.store.state_dict(upto)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.store.load_state_dict(state)

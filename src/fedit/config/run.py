@@ -1,0 +1,114 @@
+"""Sections around the rounds: evaluation, faults, Flower, privacy, compression."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fedit.config.fields import check, opt
+from fedit.faults import crash_problem, crashes_at, injected_kinds, injection_problem
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(
+        1, "Evaluate the global adapter every N rounds (and always the last); 0 = never."
+    )
+    micro_batch_size: int = opt(8, "Examples per evaluation forward pass.")
+    at_start: bool = opt(True, "Also evaluate the starting adapter, as round 0.")
+    max_examples: int = opt(
+        0, "Evaluate on at most N test examples (0 = all), same ones each round."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "eval.every", "must be >= 0")
+        check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
+        check(self.max_examples >= 0, "eval.max_examples", "must be >= 0")
+
+
+@dataclass
+class FaultsConfig:
+    inject: list[str] = opt(
+        [],
+        "Injected client faults 'KIND:CLIENT:ROUND' (KIND fail | nan | huge; CLIENT and ROUND a "
+        "number or '*'), to test and demonstrate fault handling.",
+    )
+    crash: str = opt(
+        "",
+        "Kill the run with SIGKILL at 'train:ROUND' (after the round's first client) or "
+        "'checkpoint:ROUND' (mid-write), to test crash recovery.",
+    )
+
+    def __post_init__(self) -> None:
+        for i, spec in enumerate(self.inject):
+            problem = injection_problem(spec)
+            check(problem is None, f"faults.inject[{i}]", str(problem))
+        if self.crash:
+            problem = crash_problem(self.crash)
+            check(problem is None, "faults.crash", str(problem))
+
+    def injected(self, client: int, rnd: int) -> list[str]:
+        """The fault kinds injected for this client in this round."""
+        return injected_kinds(self.inject, client, rnd)
+
+    def crashes_at(self, point: str, rnd: int) -> bool:
+        return crashes_at(self.crash, point, rnd)
+
+
+@dataclass
+class FlowerConfig:
+    round_timeout: float = opt(
+        600.0, "Seconds a round waits for its nodes' replies; late or lost nodes are excluded."
+    )
+    connect_timeout: float = opt(
+        300.0, "Seconds the server waits at the start for every client's node to connect."
+    )
+    worker_idle_timeout: float = opt(
+        1800.0, "A node's model-holding worker exits after this many idle seconds."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.round_timeout > 0, "flower.round_timeout", "must be > 0")
+        check(self.connect_timeout > 0, "flower.connect_timeout", "must be > 0")
+        check(self.worker_idle_timeout > 0, "flower.worker_idle_timeout", "must be > 0")
+
+
+@dataclass
+class PrivacyConfig:
+    clip_norm: float = opt(
+        0.0,
+        "DP-FedAvg: clip each client's update delta to this L2 norm (0 = no differential "
+        "privacy). Needs federation.strategy='fedavg' and lora_aggregation 'naive' or 'ffa'.",
+    )
+    noise_multiplier: float = opt(
+        0.0, "DP-FedAvg: Gaussian noise std on the sum of clipped deltas, in units of clip_norm."
+    )
+    delta: float = opt(1e-5, "DP: the delta at which epsilon is reported.")
+    epsilon_budget: float = opt(
+        0.0, "DP: stop (or warn) before epsilon would exceed this; 0 = none."
+    )
+    on_budget: Literal["stop", "warn"] = opt("stop", "DP: what reaching epsilon_budget does.")
+
+    def __post_init__(self) -> None:
+        check(self.clip_norm >= 0, "privacy.clip_norm", "must be >= 0")
+        check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+        check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        check(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0")
+        if self.noise_multiplier > 0:
+            check(self.clip_norm > 0, "privacy.noise_multiplier", "needs privacy.clip_norm > 0")
+
+
+@dataclass
+class CompressionConfig:
+    method: Literal["none", "fp16", "int8", "int4", "topk"] = opt(
+        "none", "Upload encoding of each client's update delta."
+    )
+    block_size: int = opt(64, "int8 / int4: values per quantization block (one fp16 scale each).")
+    topk_ratio: float = opt(0.1, "topk: fraction of each tensor's entries sent.")
+    error_feedback: bool = opt(
+        True, "Clients keep what compression dropped and add it to their next delta."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.block_size >= 1, "compression.block_size", "must be >= 1")
+        check(0 < self.topk_ratio <= 1, "compression.topk_ratio", "must be in (0, 1]")

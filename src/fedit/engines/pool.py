@@ -1,0 +1,72 @@
+"""The worker-pool engine: processes that each hold a client runtime for the whole run.
+
+Each worker builds the same client runtime as the main process would (same seed: same
+partition, same tokenization, same base model and LoRA init), once per run, and answers the
+task payloads it is handed. Only payloads cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
+from typing import Any
+
+import torch
+
+from fedit.client.runtime import ClientRuntime
+from fedit.config import Config, config_from_dict, variant
+from fedit.data.partition import load_partition
+from fedit.engines import Launched
+from fedit.lora import load_lora_model
+from fedit.protocol import Payload, Task, Update
+
+_RUNTIME: ClientRuntime | None = None
+
+
+def _init(config: dict[str, Any], threads: int) -> None:
+    global _RUNTIME
+    # A worker trains in its own process with its share of the cores.
+    cfg = variant(config_from_dict(config), model={"threads": threads})
+    torch.set_num_threads(threads)
+    partition = load_partition(cfg)
+    _RUNTIME = ClientRuntime(cfg, load_lora_model(cfg), dict(enumerate(partition.clients)))
+
+
+def _handle(payload: Payload) -> Payload:
+    assert _RUNTIME is not None, "the worker's initializer did not run"
+    return _RUNTIME.handle(payload, "worker")
+
+
+def _result(future: Future[Payload]) -> Update:
+    return Update.from_payload(future.result())
+
+
+class WorkerPool:
+    """`workers` processes sharing the machine's cores evenly (at least one thread each)."""
+
+    def __init__(self, cfg: Config, sizes: list[int]) -> None:
+        workers = cfg.federation.workers
+        threads = max(1, (cfg.model.threads or torch.get_num_threads()) // workers)
+        self.sizes = sizes
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init,
+            initargs=(cfg.to_dict(), threads),
+        )
+
+    def launch(self, tasks: Sequence[Task]) -> Launched:
+        futures = [(t.client, self.pool.submit(_handle, t.to_payload())) for t in tasks]
+        return [(c, partial(_result, f)) for c, f in futures]
+
+    def client_state(self, upto: int) -> dict[str, torch.Tensor] | None:
+        return None  # error feedback is refused with workers > 1; nothing else is kept
+
+    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError("the worker pool keeps no client state; resume with workers=1")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

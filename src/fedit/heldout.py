@@ -1,0 +1,111 @@
+"""Held-out loss and perplexity, overall and per category, on a fixed batch plan.
+
+Below the round loop: the recipe evaluates the global adapter with it every round, and
+`fedit eval` / `fedit compare` score a saved adapter with the same `heldout_set` and
+`evaluate_loss`, so a finished run and a later evaluation report the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedit.client.batching import collate, token_losses
+from fedit.data.prompts import Example, tokenize_records
+from fedit.data.records import Record
+from fedit.seeding import generator
+
+if TYPE_CHECKING:
+    from fedit.config import Config
+
+
+@dataclass
+class EvalSet:
+    """Test examples with their micro-batches planned once (sorted by length: little padding)."""
+
+    examples: list[Example]
+    batches: list[list[int]]
+
+    @classmethod
+    def build(cls, examples: Sequence[Example], micro_batch_size: int) -> EvalSet:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        batches = [order[s : s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
+        return cls(list(examples), batches)
+
+
+def _summary(loss_sum: float, tokens: int) -> dict[str, float]:
+    loss = loss_sum / tokens if tokens else float("nan")
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(tokens)}
+
+
+@torch.inference_mode()
+def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str, Any]:
+    """Token-weighted mean loss over all target tokens, and the same per category."""
+    was_training = model.training
+    model.eval()
+    per_cat: dict[str, list[float]] = {}
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for idx in eval_set.batches:
+            batch_examples = [eval_set.examples[i] for i in idx]
+            losses, counts = token_losses(model, collate(batch_examples, pad_token_id))
+            for ex, lo, n in zip(batch_examples, losses.tolist(), counts.tolist(), strict=True):
+                acc = per_cat.setdefault(ex.category, [0.0, 0])
+                acc[0] += lo
+                acc[1] += n
+                total_loss += lo
+                total_tokens += n
+    finally:
+        model.train(was_training)
+    result: dict[str, Any] = _summary(total_loss, total_tokens)
+    cats = {c: _summary(s, int(n)) for c, (s, n) in sorted(per_cat.items())}
+    result["per_category"] = cats
+    losses_by_cat = [v["loss"] for v in cats.values()]
+    if losses_by_cat:
+        # The spread across domains, not only the mean (fairness across categories).
+        result["category_loss_min"] = min(losses_by_cat)
+        result["category_loss_max"] = max(losses_by_cat)
+    return result
+
+
+def eval_subset(examples: list[Example], cfg: Config) -> list[Example]:
+    """`eval.max_examples` test examples, the same ones every round and in `fedit eval`."""
+    if cfg.eval.max_examples and len(examples) > cfg.eval.max_examples:
+        keep = generator(cfg.seed, "eval-subset").permutation(len(examples))
+        return [examples[i] for i in sorted(keep[: cfg.eval.max_examples])]
+    return examples
+
+
+@dataclass
+class HeldOut:
+    """The evaluation set of a run and how it came from the test records."""
+
+    eval_set: EvalSet
+    records: int  # test records given
+    dropped: int  # their response starts past data.cutoff_len
+
+    @property
+    def examples(self) -> int:
+        return len(self.eval_set.examples)
+
+    def describe(self) -> str:
+        parts = [f"{self.examples} test examples"]
+        if self.examples < self.records - self.dropped:
+            parts.append(f"eval.max_examples of {self.records - self.dropped}")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped at data.cutoff_len")
+        return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
+def heldout_set(records: Sequence[Record], tokenizer: Any, cfg: Config) -> HeldOut:
+    """Tokenize the test records as training does and keep the `eval.max_examples` subset."""
+    d = cfg.data
+    examples, dropped = tokenize_records(
+        records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs
+    )
+    subset = eval_subset(examples, cfg)
+    return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped)

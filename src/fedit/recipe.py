@@ -1,0 +1,335 @@
+"""`run_federation`: the one recipe of a run, top to bottom.
+
+Check the config, find where to resume, read and split the data, load the model, then for each
+round: the server selects clients and sends them tasks through the engine, screens and
+aggregates their updates; the global adapter is evaluated on the held-out split and
+checkpointed. Every engine (in this process, a worker pool, Flower nodes) runs this same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit import __version__
+from fedit.checkpoint import (
+    Checkpoint,
+    interrupts_deferred,
+    latest_checkpoint,
+    list_rounds,
+    remove_partial,
+    save_checkpoint,
+)
+from fedit.client.runtime import ClientRuntime
+from fedit.config import Config, ConfigError, config_diff, config_from_dict, to_toml
+from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_partition
+from fedit.data.prompts import TEMPLATES
+from fedit.data.records import DataError
+from fedit.engines import Engine
+from fedit.files import append_line, atomic_json, atomic_lines, atomic_text
+from fedit.heldout import HeldOut, evaluate_loss, heldout_set
+from fedit.lora import (
+    AdapterState,
+    LoraModel,
+    get_adapter,
+    load_lora_model,
+    save_adapter,
+    set_adapter,
+)
+from fedit.progress import Progress, summary_table
+from fedit.registry import Registry
+from fedit.server.selection import SELECTORS
+from fedit.server.server import Server
+from fedit.server.strategies import STRATEGIES, build_strategy
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
+# Sections that only steer what happens after training.
+RESUMABLE_SECTIONS = ("generate.", "judge.", "compare.", "flower.")
+
+
+@dataclass
+class RunResult:
+    adapter: AdapterState
+    history: list[dict[str, Any]]
+    partition_stats: dict[str, Any]
+    out_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_federation(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+) -> RunResult:
+    """Run FedIT (or the configured strategy) for `cfg.federation.rounds` rounds.
+
+    With `out_dir`, every round is checkpointed there, metrics go to metrics.jsonl and the
+    final global adapter to `adapter/`; `resume=True` continues from the last complete round.
+    `engine` carries the tasks to clients elsewhere (Flower); by default they train here.
+    """
+    progress = progress or Progress(enabled=False)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = _resume_point(cfg, out, resume, progress)
+    run = setup_run(cfg, progress, engine)
+    try:
+        return _rounds(run, out, ckpt, progress)
+    finally:
+        run.engine.close()
+
+
+@dataclass
+class Setup:
+    """A run's parts once data and model are loaded: what the rounds need."""
+
+    cfg: Config
+    partition: Partition
+    lm: LoraModel  # the server's model: evaluation and the adapter's PEFT files
+    held: HeldOut
+    engine: Engine
+    server: Server
+
+    def evaluate(self) -> dict[str, Any]:
+        set_adapter(self.lm.model, self.server.global_state)
+        return evaluate_loss(self.lm.model, self.held.eval_set, self.lm.pad_id)
+
+
+def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | None = None) -> Setup:
+    """Read and split the data, load the model, tokenize the held-out split, build the engine
+    (clients here unless `engine` is given) and the server."""
+    progress = progress or Progress(enabled=False)
+    check_names(cfg)
+    partition = _partition(cfg, progress, remote=engine is not None)
+    lm = load_lora_model(cfg)
+    held = heldout_set(partition.test, lm.tokenizer, cfg)
+    if held.dropped:
+        progress.log(
+            f"{held.dropped} test examples dropped: their response starts past "
+            f"data.cutoff_len={cfg.data.cutoff_len}"
+        )
+    engine = engine or local_engine(cfg, lm, partition, progress)
+    server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress)
+    return Setup(cfg, partition, lm, held, engine, server)
+
+
+def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Progress) -> Engine:
+    """The clients of `partition` on this machine: in this process, or in a worker pool."""
+    if cfg.federation.workers > 1:
+        from fedit.engines.pool import WorkerPool
+
+        return WorkerPool(cfg, [len(c) for c in partition.clients])
+    from fedit.engines.inprocess import InProcess
+
+    return InProcess(ClientRuntime(cfg, lm, dict(enumerate(partition.clients)), progress))
+
+
+def _rounds(run: Setup, out: Path | None, ckpt: Checkpoint | None, progress: Progress) -> RunResult:
+    cfg, engine, server, held, lm = run.cfg, run.engine, run.server, run.held, run.lm
+    stats = run.partition.stats
+    if run.partition.clients:
+        rows = 20 if len(run.partition.clients) > 20 else 100
+        progress.log("partition:\n" + format_stats(stats, max_rows=rows))
+    history: list[dict[str, Any]] = []
+    metrics = out / "metrics.jsonl" if out else None
+    start, run_id = 1, secrets.token_hex(8)
+    if out and metrics:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_text(out / "config.toml", to_toml(cfg))
+        atomic_json(out / "partition_stats.json", stats)
+        if ckpt is not None:
+            server.global_state = ckpt.adapter
+            server.load_state_dict(ckpt.strategy_state, ckpt.round)
+            engine.load_client_state(ckpt.client_state)
+            run_id = str(ckpt.run_state.get("run_id") or run_id)
+            start = ckpt.round + 1
+            history = _rewrite_metrics(metrics, ckpt.round, ckpt.run_state.get("metrics"))
+            progress.log(f"resuming after round {ckpt.round} from {ckpt.folder}")
+        else:
+            _rewrite_metrics(metrics, -1)
+
+    rounds = cfg.federation.rounds
+    evaluating = bool(cfg.eval.every and held.examples)
+    if start == 1 and evaluating and cfg.eval.at_start:
+        row: dict[str, Any] = {"round": 0, "clients": [], "eval": run.evaluate()}
+        progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
+        history.append(row)
+        if metrics:
+            append_line(metrics, row)
+    stopped_at = None
+    for rnd in range(start, rounds + 1):
+        if _over_budget(cfg, server, rnd, progress):
+            stopped_at = rnd - 1
+            break
+        t0 = time.perf_counter()
+        row = server.run_round(rnd, engine, run_id)
+        if evaluating and (rnd % cfg.eval.every == 0 or rnd == rounds):
+            t = time.perf_counter()
+            row["eval"] = run.evaluate()
+            row["time"]["eval"] = time.perf_counter() - t
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if out and metrics:
+            t = time.perf_counter()
+            with interrupts_deferred():  # Ctrl-C lets the round's files finish first
+                save_checkpoint(
+                    out / "checkpoints",
+                    rnd,
+                    lm.model,
+                    server.global_state,
+                    server.state_dict(),
+                    {
+                        "seed": cfg.seed,
+                        # Every generator derives from (seed, purpose, round, client): the round
+                        # number is the whole RNG state needed to continue.
+                        "rng": "derived: seed, purpose, round, client",
+                        "run_id": run_id,
+                        "config": cfg.to_dict(),
+                        "fedit_version": __version__,
+                        "metrics": row,
+                    },
+                    client_state=engine.client_state(rnd),
+                    on_written=_crash_hook(cfg, rnd),
+                )
+                row["time"]["checkpoint"] = time.perf_counter() - t
+                append_line(metrics, row)
+        progress.log(_round_line(row, rounds))
+    if out:
+        save_adapter(lm.model, server.global_state, out / "adapter")
+        summary: dict[str, Any] = {
+            "rounds": rounds,
+            "history": history,
+            "partition": stats["heterogeneity"],
+        }
+        privacy = server.privacy_summary()
+        if privacy is not None:
+            summary["privacy"] = {**privacy, "stopped_after_round": stopped_at}
+            progress.log(
+                f"privacy: epsilon {privacy['epsilon']:.3f} at delta {cfg.privacy.delta:g}"
+            )
+        atomic_json(out / "summary.json", summary)
+    return RunResult(server.global_state, history, stats, out)
+
+
+def check_names(cfg: Config) -> None:
+    """Every registered name in the config resolves, before any data or model is loaded."""
+    checks: list[tuple[str, Registry[Any], str]] = [
+        ("partition.method", PARTITIONERS, cfg.partition.method),
+        ("federation.strategy", STRATEGIES, cfg.federation.strategy),
+        ("federation.selection", SELECTORS, cfg.federation.selection),
+        ("data.template", TEMPLATES, cfg.data.template),
+    ]
+    for key, registry, name in checks:
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown name {name!r}; known: {', '.join(registry.names())}")
+    build_strategy(cfg, max(cfg.partition.num_clients, 1))  # option conflicts surface now
+
+
+def _resume_point(
+    cfg: Config, out: Path | None, resume: bool, progress: Progress
+) -> Checkpoint | None:
+    """The checkpoint to continue from; a config that differs in more than may change is
+    refused before anything is loaded."""
+    if out is None:
+        return None
+    root = out / "checkpoints"
+    if list_rounds(root) and not resume:
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if not resume:
+        return None
+    for name in remove_partial(root):
+        progress.log(f"removed {name}, a checkpoint a crash cut short")
+    ckpt, problems = latest_checkpoint(root)
+    for p in problems:
+        progress.log(f"skipping damaged checkpoint: {p}")
+    if ckpt is not None:
+        saved = config_from_dict(ckpt.run_state["config"])
+        diff = {
+            k
+            for k in config_diff(saved.to_dict(), cfg.to_dict())
+            if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
+        }
+        if diff:
+            raise ConfigError(
+                f"--resume: the config differs from the checkpointed run in "
+                f"{sorted(diff)}; only {sorted(RESUMABLE_CHANGES)} may change"
+            )
+    return ckpt
+
+
+def _partition(cfg: Config, progress: Progress, remote: bool) -> Partition:
+    """The partition, or with remote clients and no data here: no clients, no test split."""
+    try:
+        return load_partition(cfg, progress.log)
+    except DataError as e:
+        if not remote:
+            raise
+        progress.log(f"no data on this host ({e}); held-out evaluation is off")
+        return Partition(clients=[], test=[], stats={"heterogeneity": {}, "num_test": 0})
+
+
+def _over_budget(cfg: Config, server: Server, rnd: int, progress: Progress) -> bool:
+    """True when round `rnd` would spend more than `privacy.epsilon_budget` and that stops."""
+    budget = cfg.privacy.epsilon_budget
+    eps_next = server.epsilon_after_next_round()
+    if not budget or eps_next is None or eps_next <= budget:
+        return False
+    note = (
+        f"round {rnd} would spend epsilon {eps_next:.3f} > "
+        f"privacy.epsilon_budget={budget:g} (delta {cfg.privacy.delta:g})"
+    )
+    if cfg.privacy.on_budget == "stop":
+        progress.log(f"stopping: {note}; the adapter of round {rnd - 1} is final")
+        return True
+    progress.log(f"warning: {note}")
+    return False
+
+
+def _crash_hook(cfg: Config, rnd: int) -> Any:
+    from fedit.faults import crash_now
+
+    return crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None
+
+
+def _round_line(row: dict[str, Any], rounds: int) -> str:
+    ev = row.get("eval")
+    eps = row.get("privacy", {}).get("epsilon")
+    return (
+        f"round {row['round']}/{rounds} done: clients {row['clients']} train loss "
+        f"{row['train_loss']:.4f}"
+        + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+        + (f", epsilon {eps:.3f}" if eps is not None else "")
+        + f" ({row['seconds']:.1f}s)"
+    )
+
+
+def _rewrite_metrics(
+    path: Path, upto: int, last: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Keep only rounds <= `upto` (a resumed run re-does later rounds); atomic.
+
+    `last`, the row saved inside round `upto`'s checkpoint, fills in a row that a crash
+    between the checkpoint and the metrics append left out.
+    """
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything after it is redone
+    rows = [r for r in rows if r["round"] <= upto]
+    if last is not None and not any(r["round"] == upto for r in rows):
+        rows.append(last)
+    atomic_lines(path, rows)
+    return rows
+
+
+__all__ = ["RunResult", "Setup", "local_engine", "run_federation", "setup_run", "summary_table"]

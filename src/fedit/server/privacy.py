@@ -1,0 +1,160 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al., 2018) as a strategy wrapper.
+
+Each client's update delta is clipped to L2 norm `privacy.clip_norm` (over the whole adapter);
+the server averages the clipped deltas with equal weights over the `m` clients of the round
+and adds Gaussian noise of standard deviation `noise_multiplier * clip_norm / m` to the
+average. Adding or removing one client changes the sum by at most `clip_norm`, so each round is
+a Gaussian mechanism with that noise multiplier on a `m / num_clients` sample of the clients.
+The privacy loss over rounds is accounted by opacus's RDP accountant (sampled Gaussian
+mechanism; it assumes Poisson sampling, fedit samples a fixed number of clients uniformly,
+the usual approximation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedit.config import PrivacyConfig
+from fedit.lora import AdapterState
+from fedit.protocol import ClientPlan, Update
+from fedit.seeding import derive_seed
+from fedit.server.strategies.aggregate import clip_scale, update_norm
+from fedit.server.strategies.base import Strategy, full_states
+
+ROUNDS_KEY = "dp.rounds"
+
+
+def clipped_delta(
+    state: AdapterState, reference: AdapterState, bound: float
+) -> tuple[AdapterState, float]:
+    """(state - reference) in float64, scaled to L2 norm <= bound, and its norm before."""
+    norm = update_norm(state, reference)
+    scale = clip_scale(norm, bound)
+    return {k: (v.double() - reference[k].double()) * scale for k, v in state.items()}, norm
+
+
+def gaussian_noise(like: AdapterState, std: float, generator: torch.Generator) -> AdapterState:
+    return {
+        k: torch.randn(v.shape, generator=generator, dtype=torch.float32) * std
+        for k, v in like.items()
+    }
+
+
+class Accountant:
+    """Epsilon spent so far at `delta`, by opacus's RDP accountant."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self.delta = delta
+        self.acc = RDPAccountant()
+
+    def step(self) -> None:
+        self.acc.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.acc.history)
+
+    def epsilon(self) -> float:
+        if not self.acc.history:
+            return 0.0
+        return float(self.acc.get_epsilon(delta=self.delta))
+
+    def after(self, rounds: int) -> float:
+        """Epsilon after `rounds` rounds in all (this accountant is left as it is)."""
+        probe = Accountant(self.noise_multiplier, self.sample_rate, self.delta)
+        if rounds:
+            probe.acc.history = [(self.noise_multiplier, self.sample_rate, rounds)]
+        return probe.epsilon()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.acc.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.acc.history = [tuple(h) for h in state.get("history", [])]
+
+
+class DPFedAvg:
+    """DP-FedAvg around a FedAvg-family strategy: its client plans, its own aggregation.
+
+    The strategy's cross-round state is the number of rounds aggregated, which fixes both the
+    accountant and the round's noise seed, so a resumed run noises and accounts as an
+    uninterrupted one.
+    """
+
+    def __init__(
+        self, inner: Strategy, cfg: PrivacyConfig, seed: int, per_round: int, num_clients: int
+    ) -> None:
+        self.inner = inner
+        self.p = cfg
+        self.seed = seed
+        self.per_round = per_round
+        self.rounds = 0
+        self.accountant: Accountant | None = None
+        if cfg.noise_multiplier:
+            self.accountant = Accountant(cfg.noise_multiplier, per_round / num_clients, cfg.delta)
+        self.report: dict[str, Any] = {}
+
+    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+        return self.inner.client_plan(client_id, global_state)
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
+        p, g = self.p, global_state
+        total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in g.items()}
+        norms = []
+        for state in full_states(g, updates):  # FFA-LoRA's clients send no A: its delta is 0
+            clipped, norm = clipped_delta({k: state[k] for k in g}, g, p.clip_norm)
+            norms.append(norm)
+            for k, v in clipped.items():
+                total[k] += v
+        self.rounds += 1
+        std = p.noise_multiplier * p.clip_norm
+        if std:
+            # Noise on what clients can change: FFA-LoRA's clients send no A, so A gets none.
+            noisy = [k for k in g if any(k in u.state for u in updates)]
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", self.rounds))
+            for k, v in gaussian_noise({k: g[k] for k in noisy}, std, gen).items():
+                total[k] += v.double()
+        m = self.per_round  # fixed denominator: one client changes the mean by <= clip/m
+        self.report = {
+            "clip_norm": p.clip_norm,
+            "update_norms": norms,
+            "clipped": sum(n > p.clip_norm for n in norms),
+            "noise_std_of_mean": std / m,
+        }
+        if self.accountant is not None:
+            self.accountant.step()
+            self.report.update(epsilon=self.accountant.epsilon(), delta=p.delta)
+        return {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {"privacy": self.report}
+
+    def epsilon_after_next_round(self) -> float | None:
+        return None if self.accountant is None else self.accountant.after(self.rounds + 1)
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.accountant is None:
+            return None
+        p = self.p
+        return {"epsilon": self.accountant.epsilon(), "delta": p.delta,
+                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm}  # fmt: skip
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.state_dict(), ROUNDS_KEY: torch.tensor([self.rounds])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rest = dict(state)
+        self.rounds = int(rest.pop(ROUNDS_KEY)[0]) if ROUNDS_KEY in rest else 0
+        if self.accountant is not None:  # one Gaussian-mechanism step per round
+            a = self.accountant
+            a.load_state_dict({"history": [(a.noise_multiplier, a.sample_rate, self.rounds)]})
+            if not self.rounds:
+                a.load_state_dict({})
+        self.inner.load_state_dict(rest)

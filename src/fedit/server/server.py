@@ -1,0 +1,157 @@
+"""The server of a run: it picks clients, sends tasks through an engine, screens and aggregates.
+
+It holds the global adapter, the strategy (wrapped by DP-FedAvg when `privacy.clip_norm` is
+set, with its accountant), the compression codec it decodes with, and the accounting of bytes
+on the wire. It never trains: the engine carries its tasks to client runtimes and their
+updates back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedit.compression import Codec
+from fedit.config import Config
+from fedit.errors import FeditError
+from fedit.faults import crash_now
+from fedit.lora import AdapterState, state_bytes
+from fedit.progress import Progress
+from fedit.protocol import Task, Update
+from fedit.seeding import generator
+from fedit.server.privacy import ROUNDS_KEY, DPFedAvg
+from fedit.server.screening import inject, screen
+from fedit.server.selection import SELECTORS
+from fedit.server.strategies import Strategy, build_strategy
+
+if TYPE_CHECKING:
+    from fedit.engines import Engine, Launched
+
+
+class RoundError(FeditError):
+    """A round without enough valid updates; the global adapter is left as it was."""
+
+
+class Server:
+    """Selection, screening, the strategy, the accountant and byte accounting, for one run."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        sizes: list[int],
+        initial: AdapterState,
+        full_model_bytes: int,
+        progress: Progress | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.sizes = sizes  # selection weighs clients by their record counts
+        self.num_clients = len(sizes)
+        self.per_round = cfg.federation.clients_this_round(self.num_clients)
+        self.global_state = initial
+        self.full_model_bytes = full_model_bytes
+        self.progress = progress or Progress(enabled=False)
+        self.codec = Codec.from_config(cfg.compression)
+        self.strategy: Strategy = build_strategy(cfg, self.num_clients)
+        self.dp: DPFedAvg | None = None
+        if cfg.privacy.clip_norm:
+            self.dp = DPFedAvg(
+                self.strategy, cfg.privacy, cfg.seed, self.per_round, self.num_clients
+            )
+            self.strategy = self.dp
+
+    # ---------------------------------------------------------------- one round
+
+    def select(self, rnd: int) -> list[int]:
+        rule = SELECTORS.get(self.cfg.federation.selection)
+        return rule(self.sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
+
+    def tasks(self, rnd: int, chosen: list[int], run_id: str = "") -> list[Task]:
+        g = self.global_state
+        return [Task(rnd, c, g, self.strategy.client_plan(c, g), run_id) for c in chosen]
+
+    def collect(self, rnd: int, launched: Launched) -> tuple[list[Update], list[dict[str, Any]]]:
+        """The chosen clients' updates, decoded; a client that fails is recorded, not fatal."""
+        updates, faults = [], []
+        for i, (client, result) in enumerate(launched, 1):
+            kinds = self.cfg.faults.injected(client, rnd)
+            try:
+                if "fail" in kinds:
+                    raise RuntimeError("injected failure")
+                update = result().decoded(self.codec, self.global_state)
+            except FeditError:
+                raise  # a configuration or data problem, the same for every client
+            except Exception as e:
+                faults.append({"client": client, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            updates.append(inject(update, kinds, self.global_state) if kinds else update)
+            if i == 1 and self.cfg.faults.crashes_at("train", rnd):
+                crash_now()
+        accepted, rejected = screen(updates, self.global_state, self.cfg.federation.max_norm_ratio)
+        faults += rejected
+        for f in faults:
+            self.progress.log(f"round {rnd}: client {f['client']} excluded: {f['reason']}")
+        return accepted, faults
+
+    def run_round(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
+        t0 = time.perf_counter()
+        chosen = self.select(rnd)
+        updates, faults = self.collect(rnd, engine.launch(self.tasks(rnd, chosen, run_id)))
+        need = self.cfg.federation.min_clients
+        if len(updates) < need:
+            excluded = "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
+            raise RoundError(
+                f"round {rnd}: {len(updates)} valid updates, fewer than federation.min_clients="
+                f"{need}; the global adapter of round {rnd - 1} is kept"
+                + (f". Excluded: {excluded}" if excluded else "")
+            )
+        t1 = time.perf_counter()
+        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        t2 = time.perf_counter()
+        n = sum(u.num_examples for u in updates)
+        up = [u.metrics.get("bytes_up", state_bytes(u.state)) for u in updates]
+        down = state_bytes(self.global_state)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "clients": chosen,
+            "accepted": [u.client_id for u in updates],
+            "faults": faults,
+            "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
+            "client_metrics": [
+                {"client": u.client_id, "examples": u.num_examples, **u.metrics} for u in updates
+            ],
+            "bytes_up_per_client": sum(up) / len(up),
+            "bytes_down_per_client": down,
+            # What a round costs on the wire, against sending fp32 adapters or the full model.
+            "bytes": {
+                "up_total": sum(up),
+                "down_total": down * len(chosen),
+                "fp32_adapter": sum(v.numel() * 4 for v in self.global_state.values()),
+                "full_model": self.full_model_bytes,
+            },
+            "time": {"train": t1 - t0, "aggregate": t2 - t1},
+        }
+        report = getattr(self.strategy, "round_metrics", None)
+        if report is not None:
+            row.update(report())
+        return row
+
+    # ---------------------------------------------------------------- privacy
+
+    def epsilon_after_next_round(self) -> float | None:
+        return None if self.dp is None else self.dp.epsilon_after_next_round()
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        return None if self.dp is None else self.dp.summary()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], rnd: int) -> None:
+        """The strategy state of round `rnd`'s checkpoint."""
+        if self.dp is not None and ROUNDS_KEY not in state:  # written before DP kept it
+            state = {**state, ROUNDS_KEY: torch.tensor([rnd])}
+        self.strategy.load_state_dict(state)
