@@ -98,11 +98,11 @@ def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
     two = ["--set", "federation.rounds=2"]
     assert main(["federate", str(path), "--nodes", "2", "--out", str(out), *two]) == 0
     assert main(["federate", str(path), "--nodes", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
     sim = run_federation(cfg, tmp_path / "sim")  # type: ignore[arg-type]
     got = load_adapter_state(out / "adapter")
     for k, v in sim.adapter.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
 
 
 def test_node_killed_mid_run_is_recorded_and_run_finishes(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedit.errors import FeditError
+from fedit.files import atomic_dir
 from fedit.lora import ADAPTER_FILE, AdapterState, write_adapter_files
 
 STRATEGY_FILE = "strategy_state.safetensors"
@@ -97,26 +97,21 @@ def _save(
     run_state: dict[str, Any],
     on_written: Callable[[], None] | None,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        write_adapter_files(model, adapter, tmp)
+    def fill(folder: Path) -> None:
+        write_adapter_files(model, adapter, folder)
         for name, named in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / name))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        state = {**run_state, "round": rnd, "files": files}
-        with (tmp / STATE_FILE).open("w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
+            tensors_cpu = {k: v.detach().cpu().contiguous() for k, v in named.items()}
+            save_file(tensors_cpu, str(folder / name))
+        files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
+        with (folder / STATE_FILE).open("w", encoding="utf-8") as f:
+            json.dump({**run_state, "round": rnd, "files": files}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if on_written is not None:
             on_written()
-        if final.exists():  # a re-run of this round after a resume replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    # A re-run of this round after a resume replaces its folder.
+    return atomic_dir(final, fill)
 
 
 @contextmanager

@@ -36,6 +36,12 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _interrupted(message: str) -> int:
+    """Ctrl-C: say what was kept and how to continue; 130 is the shell's code for SIGINT."""
+    print(message, file=sys.stderr)
+    return 130
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedit", description="Federated instruction tuning of LLMs with LoRA (FedIT)."
@@ -136,12 +142,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_federation(cfg, out, resume=args.resume, progress=progress)
     except KeyboardInterrupt:
-        print(
+        return _interrupted(
             f"\ninterrupted; completed rounds are checkpointed in {out / 'checkpoints'}.\n"
             f"continue with: fedit run {args.config} --out {out} --resume",
-            file=sys.stderr,
         )
-        return 130
     print(summary_table(result.history))
     last = next((h["eval"] for h in reversed(result.history) if h.get("eval")), None)
     if last:
@@ -180,12 +184,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         results = run_compare(cfg, out, Progress(enabled=not args.quiet))
     except KeyboardInterrupt:
-        print(
+        return _interrupted(
             f"\ninterrupted; finished arms and checkpoints are kept in {out}.\n"
             f"continue with: fedit compare {args.config} --out {out}",
-            file=sys.stderr,
         )
-        return 130
     print(markdown(results))
     print(f"table: {out / 'results.md'}  data: {out / 'results.json'}  plots: {out}/*.png")
     return 0
@@ -200,12 +202,10 @@ def _cmd_federate(args: argparse.Namespace) -> int:
     try:
         summary = federate(cfg, out, args.nodes, secure=args.secure)
     except KeyboardInterrupt:
-        print(
+        return _interrupted(
             f"\ninterrupted; every Flower process was stopped. Completed rounds are in "
             f"{out / 'checkpoints'}; the same command resumes.",
-            file=sys.stderr,
         )
-        return 130
     print(summary_table(summary["history"]))
     print(f"\nglobal adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}")
     return 0

@@ -93,7 +93,7 @@ def write_federation(home: Path, address: str, root_certificates: Path | None = 
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{root_certificates.resolve()}"')
-    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_text(home / "config.toml", "\n".join(lines) + "\n")
 
 
 def free_port() -> int:

@@ -27,6 +27,8 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from fedit.files import atomic_bytes
+
 SPAWN_TIMEOUT = 600.0
 
 
@@ -66,9 +68,7 @@ def connect(
             except (ConnectionRefusedError, FileNotFoundError, OSError):
                 sock.unlink(missing_ok=True)  # a worker that died left its socket behind
         key = secrets.token_bytes(32)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+        atomic_bytes(key_file, key, private=True)
         log = sock.with_suffix(".log")
         # The SuperNode's SuperExec outlives each flwr-clientapp: the worker watches it.
         watch = os.getppid()
