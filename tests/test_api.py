@@ -74,5 +74,5 @@ def test_api_round_trip(data_file: Path, tmp_path: Path) -> None:
     assert isinstance(cfg, fedit.Config)
     records, _ = fedit.load_records(cfg.data)
     part = fedit.make_partition(records, tiny_config(data_file))
-    fedit.write_partition(part, tmp_path)
-    assert (tmp_path / "stats.json").is_file()
+    fedit.write_partition(part, tmp_path / "split")
+    assert (tmp_path / "split" / "stats.json").is_file()

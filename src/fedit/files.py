@@ -14,6 +14,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from fedit.errors import FeditError
+
+
+class OutputError(FeditError, OSError):
+    """An output folder fedit cannot write to; the message names it."""
+
+
+def writable_folder(path: Path, what: str = "output folder") -> Path:
+    """`path` as a folder fedit can write into (created if missing), checked before any work.
+
+    Tried by writing, not by permission bits: a read-only mount or a root-owned folder says no
+    the same way.
+    """
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: the {what} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the {what} there: {e.strerror or e}") from None
+    return path
+
 
 @contextmanager
 def atomic_file(path: Path, binary: bool = False, mode: int = 0o644) -> Iterator[IO[Any]]:

@@ -87,6 +87,7 @@ class HeldOut:
     eval_set: EvalSet
     records: int  # test records given
     dropped: int  # their response starts past data.cutoff_len
+    lost: list[str]  # categories of the test split that no evaluated example represents
 
     @property
     def examples(self) -> int:
@@ -108,4 +109,18 @@ def heldout_set(records: Sequence[Record], tokenizer: Any, cfg: Config) -> HeldO
         records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs
     )
     subset = eval_subset(examples, cfg)
-    return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped)
+    lost = sorted({r.category for r in records} - {e.category for e in subset})
+    return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped, lost)
+
+
+def lost_note(held: HeldOut, cfg: Config) -> str | None:
+    """A warning when a category of the test split has no example left to evaluate it by."""
+    if not held.lost:
+        return None
+    why = f"data.cutoff_len={cfg.data.cutoff_len}"
+    if cfg.eval.max_examples:
+        why += f" or eval.max_examples={cfg.eval.max_examples}"
+    return (
+        f"warning: no held-out example left for categories {held.lost} ({why} dropped them "
+        "all); the per-category evaluation leaves them out"
+    )

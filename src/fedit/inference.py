@@ -19,7 +19,7 @@ import torch
 
 from fedit.config import Config, ConfigError, load_config, variant
 from fedit.data.prompts import render
-from fedit.data.records import Record
+from fedit.data.records import Record, content_text
 from fedit.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -122,12 +122,12 @@ def messages_to_record(messages: list[dict[str, Any]]) -> Record:
         raise ValueError("messages: must not be empty")
     turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or "content" not in m:
             raise ValueError(f"messages[{i}]: expected {{'role': ..., 'content': <string>}}")
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"messages[{i}].role: must be system, user or assistant, got {role!r}")
-        turns.append({"role": str(role), "content": m["content"]})
+        turns.append({"role": str(role), "content": content_text(m["content"], f"messages[{i}]")})
     if turns[-1]["role"] != "user":
         raise ValueError("messages: the last message must come from the user")
     return Record(instruction=turns[-1]["content"], response="", history=turns[:-1])

@@ -185,6 +185,10 @@ def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:
     raise ModelError(f"model.name {cfg.name!r} resolves nowhere; tried: " + "; ".join(tried))
 
 
+# Any of these in a model folder means its tokenizer is there.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def model_config(cfg: ModelConfig) -> Any:
     """The architecture config of `model.name`, without loading any weights."""
     from transformers import AutoConfig
@@ -192,10 +196,19 @@ def model_config(cfg: ModelConfig) -> Any:
     kind, where = resolve(cfg)
     if kind == "tiny":
         return tiny_config()
+    if kind == "folder":
+        folder = Path(where)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelError(
+                f"model.name {cfg.name!r}: {folder} has no tokenizer (none of "
+                f"{', '.join(TOKENIZER_FILES)}); save the tokenizer into the model folder"
+            )
     try:
         return AutoConfig.from_pretrained(where)
-    except OSError as e:
-        raise ModelError(f"model.name {cfg.name!r}: no usable config.json at {where}: {e}") from e
+    except (OSError, ValueError, KeyError) as e:
+        # transformers says "Unrecognized model ..." for a config.json without model_type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.name {cfg.name!r}: unusable {where}/config.json: {first}") from e
 
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
@@ -211,10 +224,11 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
         tok = tiny_tokenizer()
         model = tiny_model(tok, seed)
     else:
+        model_config(cfg)  # a folder without tokenizer or with a bad config.json: say so first
         try:
             tok = AutoTokenizer.from_pretrained(where)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=_dtype(cfg))
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ModelError(f"model.name {cfg.name!r}: could not load from {where}: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -24,14 +24,15 @@ from fedit.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from fedit.client.runtime import ClientRuntime
+from fedit.client.runtime import ClientRuntime, check_client_data
 from fedit.config import Config, ConfigError, config_diff, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_partition
 from fedit.data.prompts import TEMPLATES
 from fedit.data.records import DataError
 from fedit.engines import Engine
-from fedit.files import append_line, atomic_json, atomic_lines, atomic_text
-from fedit.heldout import HeldOut, evaluate_loss, heldout_set
+from fedit.files import append_line, atomic_json, atomic_lines, atomic_text, writable_folder
+from fedit.fingerprint import changed, fingerprints
+from fedit.heldout import HeldOut, evaluate_loss, heldout_set, lost_note
 from fedit.lora import (
     AdapterState,
     LoraModel,
@@ -75,11 +76,12 @@ def run_federation(
     `engine` carries the tasks to clients elsewhere (Flower); by default they train here.
     """
     progress = progress or Progress(enabled=False)
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt = _resume_point(cfg, out, resume, progress)
+    out = writable_folder(Path(out_dir), "run folder") if out_dir is not None else None
+    prints = fingerprints(cfg) if out is not None else {}
+    ckpt = _resume_point(cfg, out, resume, progress, prints)
     run = setup_run(cfg, progress, engine)
     try:
-        return _rounds(run, out, ckpt, progress)
+        return _rounds(run, out, ckpt, progress, prints)
     finally:
         run.engine.close()
 
@@ -106,6 +108,8 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     progress = progress or Progress(enabled=False)
     check_names(cfg)
     partition = _partition(cfg, progress, remote=engine is not None)
+    if partition.clients:  # what the partition alone decides fails before the model loads
+        Server.check(cfg, len(partition.clients))
     lm = load_lora_model(cfg)
     held = heldout_set(partition.test, lm.tokenizer, cfg)
     if held.dropped:
@@ -113,7 +117,12 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
             f"{held.dropped} test examples dropped: their response starts past "
             f"data.cutoff_len={cfg.data.cutoff_len}"
         )
-    engine = engine or local_engine(cfg, lm, partition, progress)
+    note = lost_note(held, cfg)
+    if note:
+        progress.log(note)
+    if engine is None:
+        check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
+        engine = local_engine(cfg, lm, partition, progress)
     server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress)
     return Setup(cfg, partition, lm, held, engine, server)
 
@@ -129,7 +138,13 @@ def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Pro
     return InProcess(ClientRuntime(cfg, lm, dict(enumerate(partition.clients)), progress))
 
 
-def _rounds(run: Setup, out: Path | None, ckpt: Checkpoint | None, progress: Progress) -> RunResult:
+def _rounds(
+    run: Setup,
+    out: Path | None,
+    ckpt: Checkpoint | None,
+    progress: Progress,
+    prints: dict[str, str],
+) -> RunResult:
     cfg, engine, server, held, lm = run.cfg, run.engine, run.server, run.held, run.lm
     stats = run.partition.stats
     if run.partition.clients:
@@ -189,6 +204,8 @@ def _rounds(run: Setup, out: Path | None, ckpt: Checkpoint | None, progress: Pro
                         # number is the whole RNG state needed to continue.
                         "rng": "derived: seed, purpose, round, client",
                         "run_id": run_id,
+                        # What the rounds trained on: --resume refuses anything else.
+                        "fingerprints": prints,
                         "config": cfg.to_dict(),
                         "fedit_version": __version__,
                         "metrics": row,
@@ -231,7 +248,7 @@ def check_names(cfg: Config) -> None:
 
 
 def _resume_point(
-    cfg: Config, out: Path | None, resume: bool, progress: Progress
+    cfg: Config, out: Path | None, resume: bool, progress: Progress, prints: dict[str, str]
 ) -> Checkpoint | None:
     """The checkpoint to continue from; a config that differs in more than may change is
     refused before anything is loaded."""
@@ -260,6 +277,16 @@ def _resume_point(
             raise ConfigError(
                 f"--resume: the config differs from the checkpointed run in "
                 f"{sorted(diff)}; only {sorted(RESUMABLE_CHANGES)} may change"
+            )
+        moved = changed(ckpt.run_state.get("fingerprints", {}), prints)
+        if moved:
+            what = {"data": f"the data file (data.path={cfg.data.path!r})",
+                    "model": f"the model weights (model.name={cfg.model.name!r})",
+                    "tokenizer": "the tokenizer"}  # fmt: skip
+            raise ConfigError(
+                f"--resume: {', '.join(what[k] for k in moved)} changed since round "
+                f"{ckpt.round} was checkpointed in {ckpt.folder}; the remaining rounds would "
+                "train on something else. Restore it, or start a new run in another --out"
             )
     return ckpt
 

@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     part = sub.add_parser("partition", help="write the test set and one JSONL per client")
     _config_args(part)
-    part.add_argument("--out", required=True, help="output folder")
+    part.add_argument("--out", required=True, help="output folder (empty, or see --replace)")
+    part.add_argument("--replace", action="store_true", help="replace what a non-empty --out holds")
 
     show = sub.add_parser("config", help="print the effective config as TOML")
     _config_args(show, required=False)
@@ -159,16 +160,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from fedit.data.partition import format_stats, make_partition, write_partition
+    from fedit.data.partition import (
+        format_stats,
+        make_partition,
+        partition_target,
+        write_partition,
+    )
     from fedit.data.records import load_records
 
     cfg = load_config(args.config, args.overrides)
+    out = partition_target(Path(args.out), args.replace)
     records, report = load_records(cfg.data)
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad records; first: {report.skipped[0]}")
     partition = make_partition(records, cfg)
-    out = Path(args.out)
-    write_partition(partition, out)
+    write_partition(partition, out, args.replace)
     print(format_stats(partition.stats))
     print(f"\nwrote {len(partition.clients)} client files, test.jsonl and stats.json to {out}")
     return 0
@@ -275,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeditError as e:
         print(f"fedit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fedit keys | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save
 from fedit.client.train import train_local
 from fedit.compression import Codec
 from fedit.config import Config
-from fedit.data.prompts import Example, tokenize_records
+from fedit.data.prompts import Example, tokenize_records, usable_count
 from fedit.data.records import DataError, Record
 from fedit.files import atomic_file
 from fedit.lora import AdapterState, LoraModel, state_bytes
@@ -103,6 +104,18 @@ class ClientStore:
 
 def _safetensors_bytes(state: AdapterState) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def check_client_data(data: Mapping[int, Sequence[Record]], tokenizer: Any, cfg: Config) -> None:
+    """Before round 1: every client keeps at least one example at `data.cutoff_len`."""
+    d = cfg.data
+    for client in sorted(data):
+        records = data[client]
+        if not usable_count(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs):
+            raise DataError(
+                f"client {client}: all {len(records)} examples lose their response at "
+                f"data.cutoff_len={d.cutoff_len}; raise it"
+            )
 
 
 class ClientRuntime:

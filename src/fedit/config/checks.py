@@ -10,8 +10,48 @@ if TYPE_CHECKING:
     from fedit.config.tree import Config
 
 
+def _clients(cfg: Config) -> int | None:
+    """How many clients the partition will have, when the config alone says."""
+    if cfg.partition.pooled:
+        return 1
+    if cfg.partition.only:
+        return len(cfg.partition.only)
+    return cfg.partition.num_clients or None  # 'natural' with 0: one per distinct value
+
+
+def _check_faults(cfg: Config) -> None:
+    """A fault that could never happen is a mistake in the spec, not a no-op."""
+    rounds, clients = cfg.federation.rounds, _clients(cfg)
+    for i, spec in enumerate(cfg.faults.inject):
+        _, client, rnd = spec.split(":")
+        if rnd != "*" and not 1 <= int(rnd) <= rounds:
+            raise ConfigError(
+                f"faults.inject[{i}]: {spec!r} names round {rnd}; the run has rounds 1.."
+                f"{rounds} (federation.rounds)"
+            )
+        if client != "*" and clients is not None and int(client) >= clients:
+            raise ConfigError(
+                f"faults.inject[{i}]: {spec!r} names client {client}; the partition has clients "
+                f"0..{clients - 1}"
+            )
+    if cfg.faults.crash:
+        at = int(cfg.faults.crash.split(":")[1])
+        if not 1 <= at <= rounds:
+            raise ConfigError(
+                f"faults.crash: {cfg.faults.crash!r} names round {at}; the run has rounds 1.."
+                f"{rounds} (federation.rounds)"
+            )
+
+
 def check_sections(cfg: Config) -> None:
     """Combinations of keys that cannot work together, named by their keys."""
+    _check_faults(cfg)
+    k = cfg.federation.clients_per_round
+    if isinstance(k, int) and cfg.federation.min_clients > k:
+        raise ConfigError(
+            f"federation.min_clients={cfg.federation.min_clients}: more than the {k} clients "
+            "sampled per round (federation.clients_per_round); no round could succeed"
+        )
     s = cfg.strategy
     if cfg.lora.client_ranks and s.lora_aggregation != "svd":
         raise ConfigError(

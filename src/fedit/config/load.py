@@ -125,6 +125,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p}: a folder, not a config file (give a .toml file)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p.resolve()}")
         try:
@@ -133,12 +135,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
     data = merge_overrides(data, overrides)
     try:
         return config_from_dict(data)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"{_source_of(str(e), overrides, path)}{e}") from None
+
+
+def _source_of(message: str, overrides: Sequence[str], path: str | Path | None) -> str:
+    """Where the key a validation message starts with was set: the last `--set` of it (or of
+    its section), else the config file."""
+    key = message.split(":", 1)[0].split("[", 1)[0].split("=", 1)[0].strip()
+    for text in reversed(overrides):
+        given = text.split("=", 1)[0].strip()
+        if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+            return f"--set {text}: "
+    return f"{path}: " if path is not None else ""
 
 
 def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

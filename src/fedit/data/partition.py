@@ -13,7 +13,7 @@ import numpy as np
 from fedit.config import Config, PartitionConfig
 from fedit.data.records import Record, write_jsonl
 from fedit.errors import FeditError
-from fedit.files import atomic_json
+from fedit.files import atomic_dir, atomic_json, writable_folder
 from fedit.registry import Registry
 from fedit.seeding import generator
 
@@ -275,13 +275,32 @@ def format_stats(stats: dict[str, Any], max_rows: int = 100) -> str:
     return "\n".join(lines)
 
 
-def write_partition(partition: Partition, out: Path) -> None:
-    """clients/client_NNNN.jsonl, test.jsonl and stats.json; stats.json is written last."""
-    (out / "clients").mkdir(parents=True, exist_ok=True)
-    for i, recs in enumerate(partition.clients):
-        write_jsonl(out / "clients" / f"client_{i:04d}.jsonl", recs)
-    write_jsonl(out / "test.jsonl", partition.test)
-    atomic_json(out / "stats.json", partition.stats)
+def partition_target(out: Path, replace: bool = False) -> Path:
+    """Check, before any work, that a partition can be written to `out`."""
+    writable_folder(out, "partition folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not replace:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise PartitionError(
+            f"{out}: not empty ({shown}); choose an empty folder or pass --replace to replace "
+            "its contents with the new split"
+        )
+    return out
+
+
+def write_partition(partition: Partition, out: Path, replace: bool = False) -> None:
+    """clients/client_NNNN.jsonl, test.jsonl and stats.json, as one folder that replaces `out`
+    whole: no client file of an earlier split is left beside the new ones."""
+    partition_target(out, replace)
+
+    def fill(folder: Path) -> None:
+        (folder / "clients").mkdir()
+        for i, recs in enumerate(partition.clients):
+            write_jsonl(folder / "clients" / f"client_{i:04d}.jsonl", recs)
+        write_jsonl(folder / "test.jsonl", partition.test)
+        atomic_json(folder / "stats.json", partition.stats)
+
+    atomic_dir(out, fill)
 
 
 def load_partition(cfg: Config, log: Callable[[str], None] | None = None) -> Partition:

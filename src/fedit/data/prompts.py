@@ -106,3 +106,22 @@ def tokenize_records(
             continue
         examples.append(ex)
     return examples, dropped
+
+
+def usable_count(
+    records: Sequence[Record],
+    tokenizer: Any,
+    template: str,
+    cutoff_len: int,
+    train_on_inputs: bool,
+) -> int:
+    """How many of `records` keep a response token at `cutoff_len` (what `tokenize_records`
+    would not drop), from prompt lengths alone: cheap enough to ask of every client up front."""
+    if train_on_inputs:
+        return len(records)
+    usable = 0
+    for start in range(0, len(records), 256):  # in chunks: memory stays flat in the count
+        prompts = [render(r, template, tokenizer)[0] for r in records[start : start + 256]]
+        ids = tokenizer(prompts, add_special_tokens=template != "chat")["input_ids"]
+        usable += sum(1 for x in ids if len(x) < cutoff_len)
+    return usable

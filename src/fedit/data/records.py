@@ -96,13 +96,20 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        yield from enumerate(rows, start=1)
         return
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {column} of the line)") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     if suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("[")):
         try:
             items = json.loads(text)
@@ -148,6 +155,28 @@ def _text(obj: Mapping[str, Any], name: str, where: str, required: bool) -> str:
     return text
 
 
+def content_text(content: Any, where: str) -> str:
+    """A chat turn's content: a string, or OpenAI-style parts of which only text ones are
+    allowed ([{"type": "text", "text": ...}], joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = repr(kind) if kind is not None else type(part).__name__
+                raise DataError(
+                    f"{where}.content[{j}]: a {what} part; only text parts "
+                    '({"type": "text", "text": ...}) can be used'
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise DataError(
+        f"{where}.content: expected text or a list of text parts, got {type(content).__name__}"
+    )
+
+
 def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Record:
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -173,11 +202,12 @@ def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Reco
         raise DataError(f"{where}: field {spec['messages']!r} must be a non-empty list of turns")
     turns: list[dict[str, str]] = []
     for i, m in enumerate(messages):
+        at = f"{where}: {spec['messages']}[{i}]"
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {spec['messages']}[{i}] needs 'role' and 'content'")
+            raise DataError(f"{at} needs 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: {spec['messages']}[{i}] has unknown role {m['role']!r}")
-        turns.append({"role": str(m["role"]), "content": str(m["content"])})
+            raise DataError(f"{at} has unknown role {m['role']!r}")
+        turns.append({"role": str(m["role"]), "content": content_text(m["content"], at)})
     if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
         raise DataError(f"{where}: a chat record must end with a user turn then an assistant turn")
     if not turns[-1]["content"].strip():

@@ -14,7 +14,7 @@ from fedit.data.records import Record
 from fedit.evaluate.generation import Embedder, rouge_l
 from fedit.evaluate.judge import Judge, judge_answers
 from fedit.files import atomic_lines
-from fedit.heldout import evaluate_loss, heldout_set
+from fedit.heldout import evaluate_loss, heldout_set, lost_note
 from fedit.inference import Loaded, generate, prompt_for
 from fedit.progress import Progress
 from fedit.seeding import generator
@@ -66,6 +66,9 @@ def score_model(
     if loss:
         held = heldout_set(test, loaded.tokenizer, cfg)
         progress.log(f"held-out loss on {held.describe()} ({loaded.label})")
+        note = lost_note(held, cfg)
+        if note:
+            progress.log(note)
         pad = int(loaded.tokenizer.pad_token_id)
         result["eval"] = evaluate_loss(loaded.model, held.eval_set, pad)
     records = generation_subset(test, cfg.generate.per_category, cfg.seed) if answer else []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedit.compression import Codec
-from fedit.config import Config
+from fedit.config import Config, ConfigError
 from fedit.errors import FeditError
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
@@ -48,7 +48,7 @@ class Server:
         self.cfg = cfg
         self.sizes = sizes  # selection weighs clients by their record counts
         self.num_clients = len(sizes)
-        self.per_round = cfg.federation.clients_this_round(self.num_clients)
+        self.per_round = self.check(cfg, self.num_clients)
         self.global_state = initial
         self.full_model_bytes = full_model_bytes
         self.progress = progress or Progress(enabled=False)
@@ -60,6 +60,19 @@ class Server:
                 self.strategy, cfg.privacy, cfg.seed, self.per_round, self.num_clients
             )
             self.strategy = self.dp
+
+    @staticmethod
+    def check(cfg: Config, num_clients: int) -> int:
+        """Clients sampled per round from `num_clients`; refused if no round could succeed."""
+        per_round = cfg.federation.clients_this_round(num_clients)
+        need = cfg.federation.min_clients
+        if need > per_round:
+            raise ConfigError(
+                f"federation.min_clients={need}: more than the {per_round} clients sampled "
+                f"per round (federation.clients_per_round={cfg.federation.clients_per_round}); "
+                "no round could succeed"
+            )
+        return per_round
 
     # ---------------------------------------------------------------- one round
 

@@ -124,7 +124,7 @@ class NodeState:
             return
         import torch
 
-        from fedit.client.runtime import ClientRuntime
+        from fedit.client.runtime import ClientRuntime, check_client_data
         from fedit.config import config_from_dict, variant
         from fedit.data.partition import load_partition
         from fedit.data.records import load_records
@@ -154,7 +154,9 @@ class NodeState:
             records = clients[self.client_id]
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        self.runtime = ClientRuntime(cfg, load_lora_model(cfg), {self.client_id: records})
+        lm = load_lora_model(cfg)
+        check_client_data({self.client_id: records}, lm.tokenizer, cfg)  # at hello: before round 1
+        self.runtime = ClientRuntime(cfg, lm, {self.client_id: records})
         self.model_loads += 1
         self.config_json = config_json
         self.num_records = len(records)
