@@ -39,6 +39,7 @@ def _run(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
         "fp32": rows[-1]["bytes"]["fp32_adapter"],
         "full": rows[-1]["bytes"]["full_model"],
         "privacy": rows[-1].get("privacy"),
+        "cohorts": [len(r["clients"]) for r in rows],
         "norms": [n for r in rows for n in r.get("privacy", {}).get("update_norms", [])],
         # Coordinates that receive noise (FFA-LoRA leaves A alone).
         "noised": sum(
@@ -82,11 +83,12 @@ def main() -> None:
         print(
             "| noise multiplier | clip norm "
             f"| epsilon (delta {load_config(args.config, args.overrides).privacy.delta:g}) "
-            "| updates clipped "
+            "| clients per round (Poisson) | updates clipped "
             "| noise norm on the mean | held-out loss | vs no DP |"
         )
-        print("|---|---|---|---|---|---|---|")
-        print(f"| no DP | – | ∞ | – | – | {base['loss']:.4f} | – |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| no DP | – | ∞ | {', '.join(map(str, base['cohorts']))} | – | – "
+              f"| {base['loss']:.4f} | – |")  # fmt: skip
         for sigma in args.noise:
             sets = [f"privacy.clip_norm={args.clip}", f"privacy.noise_multiplier={sigma}"]
             r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}-clip{args.clip:g}")
@@ -94,6 +96,7 @@ def main() -> None:
             norm = statistics.median(r["norms"]) if r["norms"] else float("nan")
             print(
                 f"| {sigma:g} | {args.clip:g} | {r['privacy']['epsilon']:.2f} "
+                f"| {', '.join(map(str, r['cohorts']))} "
                 f"| {100 * clipped:.0f}% (median norm {norm:.3f}) "
                 f"| {r['privacy']['noise_std_of_mean'] * r['noised'] ** 0.5:.3g} | {r['loss']:.4f} "
                 f"| {100 * (r['loss'] / base['loss'] - 1):+.2f}% |"

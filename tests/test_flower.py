@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
     )
     out = tmp_path / "flower-run"
     before = set(_started_here())
+    temp_before = set(Path(tempfile.gettempdir()).glob("fedit-node*"))
     assert main(["federate", str(path), "--nodes", "2", "--out", str(out)]) == 0
     sim = run_federation(cfg, tmp_path / "sim")  # type: ignore[arg-type]
     got = load_adapter_state(out / "adapter")
@@ -82,6 +84,9 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
     time.sleep(1.0)
     assert not _alive(list(pids.values()))
     assert set(_alive(_started_here())) <= before  # no helper, node worker or app left over
+    # The node workers' socket, key, lock and log went with them.
+    assert not list((out / "flower" / "nodes").rglob("fedit-node*"))
+    assert set(Path(tempfile.gettempdir()).glob("fedit-node*")) <= temp_before
 
 
 def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:

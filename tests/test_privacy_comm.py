@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 from fedit.compression import METHODS, Codec, error_bound
 from fedit.config import ConfigError
 from fedit.lora import get_adapter
+from fedit.protocol import Update
 from fedit.recipe import run_federation
 from fedit.server.privacy import Accountant, clipped_delta, gaussian_noise
+from fedit.server.selection import SELECTORS
+from fedit.server.server import Server
 from tests.conftest import client_runtime, tiny_config
 
 # ------------------------------------------------------------------ privacy
@@ -67,7 +70,7 @@ def test_dp_run_clips_adds_noise_and_reports_epsilon(tmp_path: Path, data_file: 
             "federation": {"rounds": 1}}  # fmt: skip
     quiet = run_federation(tiny_config(data_file, **base), tmp_path / "a")
     row = quiet.history[-1]["privacy"]
-    assert row["clipped"] == 2 and all(n > 0.01 for n in row["update_norms"])
+    assert row["clipped"] == len(row["update_norms"]) and all(n > 0.01 for n in row["update_norms"])
     # Without noise the step is the mean of the clipped deltas: norm <= clip.
     init = get_adapter(client_runtime(tiny_config(data_file, **base)).lm.model)
     step = math.sqrt(sum(float((quiet.adapter[k] - init[k]).double().pow(2).sum()) for k in init))
@@ -107,7 +110,7 @@ def test_dp_with_ffa_lora_noises_b_only(tmp_path: Path, data_file: Path) -> None
     assert a_keys and all(torch.equal(result.adapter[k], init[k]) for k in a_keys)
     assert all(not torch.equal(result.adapter[k], init[k]) for k in init if k not in a_keys)
     rows = [h["privacy"] for h in result.history if "privacy" in h]
-    assert len(rows) == 2 and all(r["clipped"] == 2 for r in rows)
+    assert len(rows) == 2 and all(r["clipped"] == len(r["update_norms"]) for r in rows)
 
 
 # ------------------------------------------------------------------ compression
@@ -159,3 +162,99 @@ def test_compressed_run_reports_bytes_and_trains(tmp_path: Path, data_file: Path
     assert abs(r_q["eval"]["loss"] / r_plain["eval"]["loss"] - 1) < 0.01
     again = run_federation(tiny_config(data_file, compression={"method": "int8"}), None)
     assert all(torch.equal(again.adapter[k], int8.adapter[k]) for k in int8.adapter)  # seeded
+
+
+# ------------------------------------------------------------------ DP: what the accountant assumes
+
+
+@pytest.mark.parametrize("q", [0.05, 0.1, 0.2])
+@pytest.mark.parametrize("sigma", [0.8, 1.0, 2.0])
+@pytest.mark.parametrize("rounds", [20, 200])
+def test_epsilon_against_the_pld_accountant(q: float, sigma: float, rounds: int) -> None:
+    """Google's dp-accounting PLD accountant gives the tight epsilon of the same mechanism
+    (Poisson-subsampled Gaussian): fedit's RDP figure is never below it, and close."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from dp_accounting.pld import pld_privacy_accountant
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds
+    )
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    pld.compose(event)
+    tight = pld.get_epsilon(1e-5)
+    ours = Accountant(sigma, q, 1e-5).after(rounds)
+    assert tight <= ours <= 1.3 * tight, (tight, ours)
+
+
+def _dp_server(data_file: Path, **privacy: float) -> tuple[Server, dict[str, torch.Tensor]]:
+    cfg = tiny_config(
+        data_file,
+        partition={"num_clients": 20, "method": "iid", "min_client_size": 1},
+        client={"batch_size": 1, "micro_batch_size": 1},
+        federation={"clients_per_round": 4, "max_norm_ratio": 10.0},
+        privacy={"clip_norm": 1.0, **privacy},
+    )
+    g = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(3, 2)}
+    return Server(cfg, [10] * 20, g, 0), g
+
+
+def _update(c: int, g: dict[str, torch.Tensor], scale: float, seed: int) -> Update:
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in g.items()}
+    return Update(c, state, 10, 1, {"train_loss": 1.0})
+
+
+@given(
+    scales=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=6),
+    extra=st.floats(0.0, 50.0),
+)
+@settings(max_examples=100, deadline=None)
+def test_one_client_moves_the_dp_aggregate_by_at_most_the_clip(
+    scales: list[float], extra: float
+) -> None:
+    """With the norm screen configured, one client more or less changes the sum the server
+    noises by at most clip_norm: no per-client check compares clients under DP."""
+    data_file = Path("never-read.jsonl")  # the server alone: no data, no model
+    sums = []
+    for with_extra in (False, True):
+        server, g = _dp_server(data_file)
+        ups = [_update(c, g, s, c) for c, s in enumerate(scales)]
+        if with_extra:
+            ups.append(_update(len(scales), g, extra, 99))
+        accepted, _ = server.collect(1, [(u.client_id, lambda u=u: u) for u in ups])
+        new = server.strategy.aggregate(g, accepted)
+        sums.append({k: (new[k] - g[k]).double() * server.per_round for k in g})
+    moved = math.sqrt(sum(float((sums[1][k] - sums[0][k]).pow(2).sum()) for k in g))
+    assert moved <= 1.0 * (1 + 1e-6)
+
+
+def test_dp_samples_clients_by_poisson_seeded_and_resumable(
+    tmp_path: Path, data_file: Path
+) -> None:
+    server, _ = _dp_server(data_file)
+    cohorts = [server.select(r) for r in range(1, 2001)]
+    rate = sum(len(c) for c in cohorts) / (2000 * 20)
+    assert rate == pytest.approx(4 / 20, abs=0.01)  # each client on its own at q = k / N
+    assert len({len(c) for c in cohorts}) > 3 and any(not c for c in cohorts)  # sizes vary
+    again, _ = _dp_server(data_file)
+    assert [again.select(r) for r in range(1, 50)] == cohorts[:49]  # seeded by (seed, round)
+    sections = {"privacy": {"clip_norm": 0.01, "noise_multiplier": 1.0},
+                "federation": {"rounds": 3}, "eval": {"every": 0}}  # fmt: skip
+    full = run_federation(tiny_config(data_file, **sections), tmp_path / "full")
+    two = {**sections, "federation": {"rounds": 2}}
+    run_federation(tiny_config(data_file, **two), tmp_path / "part")
+    part = run_federation(tiny_config(data_file, **sections), tmp_path / "part", resume=True)
+    assert all(torch.equal(full.adapter[k], part.adapter[k]) for k in full.adapter)
+    assert [h["clients"] for h in full.history] == [h["clients"] for h in part.history]
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["privacy"]["sampling"] == "poisson"
+    assert summary["privacy"]["sample_rate"] == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("rule", ["all", "size", "test-loss-driven"])
+def test_selection_rules_the_accountant_cannot_bound_are_refused(
+    data_file: Path, rule: str
+) -> None:
+    SELECTORS.register("test-loss-driven", replace=True)(lambda sizes, k, rng: list(range(k)))
+    with pytest.raises(ConfigError, match=rf"federation.selection='{rule}': DP-FedAvg"):
+        tiny_config(data_file, privacy={"clip_norm": 1.0}, federation={"selection": rule})

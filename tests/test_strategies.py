@@ -134,6 +134,21 @@ def test_adaptive_server_optimizers_hand_computed(name: str, v1: float) -> None:
     assert float(s.state_dict()["v/w"]) == pytest.approx(v1, rel=1e-9)
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_bias_correction_scales_the_step_as_flower_does(name: str) -> None:
+    """Flower's FedAdam: eta * sqrt(1 - beta2^t) / (1 - beta1^t); off by default (Reddi et al.)."""
+    opts = [f"federation.strategy='{name}'", "strategy.adaptive_lr=0.1"]
+    plain = build_strategy(cfg(*opts), 1)
+    corrected = build_strategy(cfg(*opts, "strategy.bias_correction=true"), 1)
+    for t in (1, 2, 3):  # the same global and update each round: the same moments in both
+        step = float(plain.aggregate(X0, [up(0, 2.0)])["w"])
+        scaled = float(corrected.aggregate(X0, [up(0, 2.0)])["w"])
+        assert scaled == pytest.approx(step * (1 - 0.99**t) ** 0.5 / (1 - 0.9**t), rel=1e-6)
+    again = build_strategy(cfg(*opts, "strategy.bias_correction=true"), 1)
+    again.load_state_dict(corrected.state_dict())
+    assert again.step == 3  # type: ignore[attr-defined]
+
+
 def test_scaffold_hand_computed() -> None:
     s = build_strategy(cfg("federation.strategy='scaffold'", "client.lr=0.5"), 4)
     out = s.aggregate(X0, [up(0, -1.0, steps=2), up(1, -3.0, steps=1)])

@@ -1,8 +1,10 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedit.client.train import train_local
+from fedit.config import variant
 from fedit.lora import get_adapter, set_adapter, trainable_names
 from fedit.protocol import Task
 from fedit.recipe import run_federation
@@ -146,3 +148,28 @@ def test_parallel_workers_match_training_in_turn(data_file: Path) -> None:
     assert [h["clients"] for h in pooled.history] == [h["clients"] for h in alone.history]
     for k in alone.adapter:
         assert torch.allclose(alone.adapter[k], pooled.adapter[k], atol=1e-5), k
+
+
+def test_train_loss_on_inputs_is_the_mean_over_predicted_tokens(data_file: Path) -> None:
+    """With data.train_on_inputs the first token of an example is never predicted: the loss
+    (and the gradient's scale) divides by the tokens that are."""
+    cfg = variant(
+        one_client_cfg(data_file, max_steps=1, micro_batch_size=8), data={"train_on_inputs": True}
+    )
+    rt = client_runtime(cfg)
+    model, pad = rt.lm.model, rt.lm.pad_id
+    examples = rt.examples(0)
+    init = get_adapter(model)
+    # HF's own causal-LM loss: the mean over every shifted (predicted) label of the batch.
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in examples])
+    labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples])
+    mask = torch.tensor(
+        [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples]
+    )
+    model.eval()
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    update = train_local(model, init, examples, cfg.client, client_id=0, seed=5, pad_token_id=pad)
+    assert update.metrics["first_step_loss"] == pytest.approx(expected, rel=1e-5)
+    assert all(e.num_target_tokens == len(e.input_ids) - 1 for e in examples)

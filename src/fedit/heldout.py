@@ -103,11 +103,13 @@ class HeldOut:
 
 
 def heldout_set(records: Sequence[Record], tokenizer: Any, cfg: Config) -> HeldOut:
-    """Tokenize the test records as training does and keep the `eval.max_examples` subset."""
+    """Tokenize the test records as training does and keep the `eval.max_examples` subset.
+
+    Held-out answers are scored on their response tokens always, also when a run trains on
+    the prompt too (`data.train_on_inputs`): losses of runs with and without it compare.
+    """
     d = cfg.data
-    examples, dropped = tokenize_records(
-        records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs
-    )
+    examples, dropped = tokenize_records(records, tokenizer, d.template, d.cutoff_len, False)
     subset = eval_subset(examples, cfg)
     lost = sorted({r.category for r in records} - {e.category for e in subset})
     return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped, lost)

@@ -328,9 +328,10 @@ def _crash_hook(cfg: Config, rnd: int) -> Any:
 def _round_line(row: dict[str, Any], rounds: int) -> str:
     ev = row.get("eval")
     eps = row.get("privacy", {}).get("epsilon")
+    loss = row["train_loss"]
     return (
         f"round {row['round']}/{rounds} done: clients {row['clients']} train loss "
-        f"{row['train_loss']:.4f}"
+        + (f"{loss:.4f}" if loss is not None else "- (no client this round)")
         + (f", held-out loss {ev['loss']:.4f}" if ev else "")
         + (f", epsilon {eps:.3f}" if eps is not None else "")
         + f" ({row['seconds']:.1f}s)"

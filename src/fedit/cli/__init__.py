@@ -285,7 +285,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

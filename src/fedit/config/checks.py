@@ -75,6 +75,19 @@ def check_sections(cfg: Config) -> None:
             "federation.strategy='fedavg' with strategy.lora_aggregation 'naive' or 'ffa' "
             f"(got {cfg.federation.strategy!r}, {s.lora_aggregation!r})"
         )
+    if cfg.privacy.clip_norm and (s.robust != "mean" or s.clip_norm):
+        raise ConfigError(
+            "privacy.clip_norm: DP-FedAvg clips and sums every update itself; "
+            f"strategy.robust={s.robust!r} and strategy.clip_norm={s.clip_norm:g} would be "
+            "ignored: leave them at 'mean' and 0"
+        )
+    if cfg.privacy.clip_norm and cfg.federation.selection not in ("uniform", "poisson"):
+        raise ConfigError(
+            f"federation.selection={cfg.federation.selection!r}: DP-FedAvg's accountant bounds "
+            "the privacy loss only when every client is sampled on its own with the same "
+            "probability (Poisson sampling, which DP runs use); this rule's inclusion "
+            "probabilities it cannot bound: use 'uniform' or 'poisson'"
+        )
     if s.lora_aggregation == "svd" and s.robust != "mean":
         raise ConfigError(
             f"strategy.robust={s.robust!r} works on adapter coordinates; it cannot combine "

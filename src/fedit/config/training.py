@@ -178,9 +178,18 @@ class StrategyConfig:
     server_lr: float = opt(1.0, "Server step size for fedavgm, scaffold and fednova.")
     momentum: float = opt(0.9, "FedAvgM: server momentum.")
     adaptive_lr: float = opt(1e-3, "FedAdam / FedYogi / FedAdagrad: server learning rate.")
-    beta1: float = opt(0.9, "FedAdam / FedYogi: first-moment decay.")
+    beta1: float = opt(
+        0.9,
+        "FedAdam / FedYogi / FedAdagrad: first-moment decay (fedit's FedAdagrad keeps momentum "
+        "too, as Reddi et al.'s Algorithm 2; Flower's fixes it at 0).",
+    )
     beta2: float = opt(0.99, "FedAdam / FedYogi: second-moment decay.")
     tau: float = opt(1e-3, "FedAdam / FedYogi / FedAdagrad: adaptivity (epsilon).")
+    bias_correction: bool = opt(
+        False,
+        "FedAdam / FedYogi: scale the server step by sqrt(1 - beta2^t) / (1 - beta1^t) as "
+        "Flower's FedAdam does; off = Reddi et al.'s Algorithm 2, without it.",
+    )
     lora_aggregation: Literal["naive", "svd", "ffa"] = opt(
         "naive",
         "How LoRA factors combine: 'naive' averages A and B apart (FedIT); 'svd' averages the "
@@ -190,7 +199,11 @@ class StrategyConfig:
     robust: Literal["mean", "median", "trimmed_mean"] = opt(
         "mean", "Combine client adapters by weighted mean, coordinate-wise median or trimmed mean."
     )
-    trim_ratio: float = opt(0.1, "trimmed_mean: fraction cut from each end per coordinate.")
+    trim_ratio: float = opt(
+        0.1,
+        "trimmed_mean: fraction cut from each end per coordinate (floor(ratio x updates) each; "
+        "the run warns when that is 0).",
+    )
     clip_norm: float = opt(
         0.0, "Clip each client's update (adapter - global) to this L2 norm; 0 = off."
     )

@@ -63,7 +63,8 @@ class Example:
 
     @property
     def num_target_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        """Tokens the loss predicts: the first token never is (labels shift by one)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
 def render(record: Record, template: str, tokenizer: Any) -> tuple[str, str]:

@@ -116,8 +116,9 @@ class DPFedAvg:
         self.rounds += 1
         std = p.noise_multiplier * p.clip_norm
         if std:
-            # Noise on what clients can change: FFA-LoRA's clients send no A, so A gets none.
-            noisy = [k for k in g if any(k in u.state for u in updates)]
+            # Noise on what clients can change: FFA-LoRA's clients train no A, so A gets none.
+            train_a = self.inner.client_plan(0, g).train_lora_A  # known also in an empty round
+            noisy = [k for k in g if train_a or ".lora_A." not in k]
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", self.rounds))
             for k, v in gaussian_noise({k: g[k] for k in noisy}, std, gen).items():
                 total[k] += v.double()
@@ -142,9 +143,10 @@ class DPFedAvg:
     def summary(self) -> dict[str, Any] | None:
         if self.accountant is None:
             return None
-        p = self.p
-        return {"epsilon": self.accountant.epsilon(), "delta": p.delta,
-                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm}  # fmt: skip
+        p, a = self.p, self.accountant
+        return {"epsilon": a.epsilon(), "delta": p.delta, "noise_multiplier": p.noise_multiplier,
+                "clip_norm": p.clip_norm, "sampling": "poisson", "sample_rate": a.sample_rate,
+                "accountant": "opacus RDP (Poisson-subsampled Gaussian)"}  # fmt: skip
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.inner.state_dict(), ROUNDS_KEY: torch.tensor([self.rounds])}

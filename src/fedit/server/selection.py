@@ -30,3 +30,10 @@ def by_size(sizes: Sequence[int], k: int, rng: np.random.Generator) -> list[int]
 def everyone(sizes: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
     """Every client, every round (k is ignored)."""
     return list(range(len(sizes)))
+
+
+@SELECTORS.register("poisson")
+def poisson(sizes: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
+    """Each client on its own with probability k / N: a cohort of k clients on average, of
+    varying size (possibly none). DP-FedAvg's accountant assumes this sampling."""
+    return [int(i) for i in np.flatnonzero(rng.random(len(sizes)) < k / len(sizes))]

@@ -54,12 +54,24 @@ class Server:
         self.progress = progress or Progress(enabled=False)
         self.codec = Codec.from_config(cfg.compression)
         self.strategy: Strategy = build_strategy(cfg, self.num_clients)
+        trim = cfg.strategy
+        if trim.robust == "trimmed_mean" and int(trim.trim_ratio * self.per_round) == 0:
+            self.progress.log(
+                f"warning: strategy.trim_ratio={trim.trim_ratio:g} cuts floor("
+                f"{trim.trim_ratio:g} x {self.per_round}) = 0 updates from each end at "
+                f"{self.per_round} clients a round: the trimmed mean is the plain mean"
+            )
         self.dp: DPFedAvg | None = None
         if cfg.privacy.clip_norm:
             self.dp = DPFedAvg(
                 self.strategy, cfg.privacy, cfg.seed, self.per_round, self.num_clients
             )
             self.strategy = self.dp
+            self.progress.log(
+                f"privacy: DP-FedAvg; each client sampled on its own with probability "
+                f"{self.per_round / self.num_clients:.4g} (Poisson, {self.per_round} a round on "
+                "average); the norm screen is off (clipping bounds every update)"
+            )
 
     @staticmethod
     def check(cfg: Config, num_clients: int) -> int:
@@ -77,7 +89,9 @@ class Server:
     # ---------------------------------------------------------------- one round
 
     def select(self, rnd: int) -> list[int]:
-        rule = SELECTORS.get(self.cfg.federation.selection)
+        # DP-FedAvg's accounting holds for Poisson sampling: each client on its own, rate k/N.
+        name = "poisson" if self.dp is not None else self.cfg.federation.selection
+        rule = SELECTORS.get(name)
         return rule(self.sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
 
     def tasks(self, rnd: int, chosen: list[int], run_id: str = "") -> list[Task]:
@@ -101,7 +115,10 @@ class Server:
             updates.append(inject(update, kinds, self.global_state) if kinds else update)
             if i == 1 and self.cfg.faults.crashes_at("train", rnd):
                 crash_now()
-        accepted, rejected = screen(updates, self.global_state, self.cfg.federation.max_norm_ratio)
+        # Under DP every per-client check must depend on that client alone: the norm screen
+        # compares clients with each other (clipping bounds every norm anyway).
+        ratio = 0.0 if self.dp is not None else self.cfg.federation.max_norm_ratio
+        accepted, rejected = screen(updates, self.global_state, ratio)
         faults += rejected
         for f in faults:
             self.progress.log(f"round {rnd}: client {f['client']} excluded: {f['reason']}")
@@ -112,6 +129,8 @@ class Server:
         chosen = self.select(rnd)
         updates, faults = self.collect(rnd, engine.launch(self.tasks(rnd, chosen, run_id)))
         need = self.cfg.federation.min_clients
+        if self.dp is not None:  # a Poisson cohort may be small, or empty: noise alone is DP
+            need = min(need, len(chosen))
         if len(updates) < need:
             excluded = "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
             raise RoundError(
@@ -123,14 +142,16 @@ class Server:
         self.global_state = self.strategy.aggregate(self.global_state, updates)
         t2 = time.perf_counter()
         n = sum(u.num_examples for u in updates)
-        up = [u.metrics.get("bytes_up", state_bytes(u.state)) for u in updates]
+        up = [u.metrics.get("bytes_up", state_bytes(u.state)) for u in updates] or [0.0]
         down = state_bytes(self.global_state)
         row: dict[str, Any] = {
             "round": rnd,
             "clients": chosen,
             "accepted": [u.client_id for u in updates],
             "faults": faults,
-            "train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n,
+            "train_loss": (
+                sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n if n else None
+            ),
             "client_metrics": [
                 {"client": u.client_id, "examples": u.num_examples, **u.metrics} for u in updates
             ],

@@ -14,6 +14,7 @@ This module is imported by the shim: torch and the model stay out of its top lev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,10 +33,27 @@ from fedit.files import atomic_bytes
 SPAWN_TIMEOUT = 600.0
 
 
+def state_root(node_config: dict[str, Any]) -> Path:
+    """The node's own folder: node config `state-dir`, else `work-dir`, else the temp folder."""
+    where = node_config.get("state-dir") or node_config.get("work-dir")
+    return Path(str(where)) if where else Path(tempfile.gettempdir())
+
+
 def socket_path(node_id: int, run_id: int, node_config: dict[str, Any]) -> Path:
-    base = Path(str(node_config.get("work-dir") or tempfile.gettempdir()))
-    tag = hashlib.sha256(f"{node_id}:{run_id}".encode()).hexdigest()[:16]
+    """The worker's socket, in an owner-only folder of the node's own (key, lock, log beside)."""
+    base = state_root(node_config) / "fedit-node"
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o700)
+    tag = hashlib.sha256(f"{base.resolve()}:{node_id}:{run_id}".encode()).hexdigest()[:16]
     return base / f"fedit-node-{tag}.sock"
+
+
+def address(sock: Path) -> str:
+    """Where the worker listens. On Linux an abstract socket named after `sock` (no file, no
+    path-length limit; the authkey in the owner-only key file guards it), elsewhere `sock`."""
+    if sys.platform.startswith("linux"):
+        return "\0" + sock.name
+    return str(sock)
 
 
 def _alive(pid: int) -> bool:
@@ -53,18 +71,29 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _lock_file(sock: Path) -> Any:
+    """The spawn lock beside the socket (a worker of another run may just have removed the
+    empty folder: make it again)."""
+    for _ in range(3):
+        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return open(sock.with_suffix(".lock"), "w")
+        except FileNotFoundError:
+            continue
+    return open(sock.with_suffix(".lock"), "w")
+
+
 def connect(
     node_id: int, run_id: int, node_config: dict[str, Any], idle_timeout: float
 ) -> Connection:
     """A connection to this node's worker for the run, starting the worker if needed."""
     sock = socket_path(node_id, run_id, node_config)
     key_file = sock.with_suffix(".key")
-    sock.parent.mkdir(parents=True, exist_ok=True)
-    with open(sock.with_suffix(".lock"), "w") as lock:
+    with _lock_file(sock) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one spawner per node at a time
-        if sock.exists() and key_file.exists():
+        if key_file.exists():
             try:
-                return Client(str(sock), family="AF_UNIX", authkey=key_file.read_bytes())
+                return Client(address(sock), family="AF_UNIX", authkey=key_file.read_bytes())
             except (ConnectionRefusedError, FileNotFoundError, OSError):
                 sock.unlink(missing_ok=True)  # a worker that died left its socket behind
         key = secrets.token_bytes(32)
@@ -81,11 +110,10 @@ def connect(
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"fedit node worker exited ({proc.returncode}): {tail}")
-            if sock.exists():
-                try:
-                    return Client(str(sock), family="AF_UNIX", authkey=key)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    pass
+            try:
+                return Client(address(sock), family="AF_UNIX", authkey=key)
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass
             time.sleep(0.1)
         proc.kill()
         raise RuntimeError(f"fedit node worker did not start within {SPAWN_TIMEOUT:.0f}s")
@@ -160,8 +188,7 @@ class NodeState:
         self.model_loads += 1
         self.config_json = config_json
         self.num_records = len(records)
-        where = node_config.get("state-dir") or node_config.get("work-dir")
-        self.state_root = Path(str(where)) if where else Path(tempfile.gettempdir())
+        self.state_root = state_root(node_config)
 
     def hello(self, p: dict[str, Any]) -> dict[str, Any]:
         self.setup(p["config"], p["node_config"])
@@ -194,7 +221,7 @@ class NodeState:
 def serve(sock: Path, watch_pid: int, idle_timeout: float) -> None:
     key = sock.with_suffix(".key").read_bytes()
     state = NodeState()
-    listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+    listener = Listener(address(sock), family="AF_UNIX", authkey=key)
     last = time.monotonic()
     try:
         while True:
@@ -225,8 +252,10 @@ def serve(sock: Path, watch_pid: int, idle_timeout: float) -> None:
             last = time.monotonic()
     finally:
         listener.close()
-        sock.unlink(missing_ok=True)
-        sock.with_suffix(".key").unlink(missing_ok=True)
+        for suffix in (".sock", ".key", ".lock", ".log"):  # nothing of the run stays behind
+            sock.with_suffix(suffix).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            sock.parent.rmdir()  # when no other run's worker uses it
 
 
 def main() -> None:
