@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedit.cli import main
-from fedit.config import to_toml
+from fedit.config import ConfigError, load_config, to_toml
 from fedit.engines.flower.launch import descendants, free_port, wait_health
 from fedit.lora import load_adapter_state
 from fedit.recipe import run_federation
@@ -108,6 +108,27 @@ def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
     for k, v in sim.adapter.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
+
+
+def test_secure_aggregation_equals_plain_fedavg_within_quantization(tmp_path: Path) -> None:
+    """Flower's SecAgg+ over 4 nodes: the server learns only the sum, and the adapter is the
+    plain run's up to SecAgg+'s quantization (2^22 levels over +-8)."""
+    path, cfg = _config(
+        tmp_path, partition={"num_clients": 4}, federation={"rounds": 2, "clients_per_round": 4}
+    )
+    out = tmp_path / "secure"
+    args = ["--nodes", "4", "--out", str(out), "--set", "privacy.secure_aggregation=true"]
+    assert main(["federate", str(path), *args]) == 0
+    plain = run_federation(cfg, tmp_path / "plain")  # type: ignore[arg-type]
+    got = load_adapter_state(out / "adapter")
+    worst = max((got[k] - v).abs().max().item() for k, v in plain.adapter.items())
+    assert 0 < worst < 1e-4, worst
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("secure") for r in rows[1:]) and rows[-1]["accepted"] == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match=r"strategy.robust: 'median' needs each client's own"):
+        load_config(path, ["privacy.secure_aggregation=true", "strategy.robust='median'"])
+    with pytest.raises(ConfigError, match=r"privacy.secure_aggregation: the clients of `fedit"):
+        run_federation(load_config(path, ["privacy.secure_aggregation=true"]))
 
 
 def test_node_killed_mid_run_is_recorded_and_run_finishes(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ LAYERS = [
      "fedit.faults"),
     ("fedit.config",),
     ("fedit.data", "fedit.models", "fedit.resources", "fedit.compression", "fedit.protocol"),
-    ("fedit.lora", "fedit.checkpoint", "fedit.fingerprint"),
+    ("fedit.lora", "fedit.checkpoint", "fedit.fingerprint", "fedit.deltas"),
     ("fedit.client.batching",),
     ("fedit.client.train", "fedit.heldout", "fedit.inference"),
     ("fedit.client", "fedit.server"),

@@ -81,12 +81,19 @@ class Task:
     plan: ClientPlan = field(default_factory=ClientPlan)
     # Names the run, so that state a client keeps on disk is never taken from another run.
     run_id: str = ""
+    # Secure aggregation: answer with the update's delta (the server sees only the sum);
+    # under DP clipped to `clip_norm` and noised with `noise_std` per coordinate on the client.
+    secure: bool = False
+    clip_norm: float = 0.0
+    noise_std: float = 0.0
 
     def to_payload(self) -> Payload:
         p = Payload()
         p.values.update(round=self.round, client=self.client, run_id=self.run_id,
                         prox_mu=float(self.plan.prox_mu), train_lora_A=self.plan.train_lora_A,
-                        rank=-1 if self.plan.rank is None else int(self.plan.rank))  # fmt: skip
+                        rank=-1 if self.plan.rank is None else int(self.plan.rank),
+                        secure=self.secure, clip_norm=float(self.clip_norm),
+                        noise_std=float(self.noise_std))  # fmt: skip
         p.arrays["adapter"] = _to_numpy(self.adapter, p.values, "adapter")
         if self.plan.correction is not None:
             p.arrays["correction"] = _to_numpy(self.plan.correction, p.values, "correction")
@@ -103,7 +110,8 @@ class Task:
             rank=None if rank < 0 else rank,
         )
         return cls(int(v["round"]), int(v["client"]), _to_torch(p, "adapter"), plan,
-                   str(v.get("run_id", "")))  # fmt: skip
+                   str(v.get("run_id", "")), bool(v.get("secure", False)),
+                   float(v.get("clip_norm", 0.0)), float(v.get("noise_std", 0.0)))  # fmt: skip
 
 
 @dataclass

@@ -107,6 +107,12 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     (clients here unless `engine` is given) and the server."""
     progress = progress or Progress(enabled=False)
     check_names(cfg)
+    if cfg.privacy.secure_aggregation and engine is None:
+        raise ConfigError(
+            "privacy.secure_aggregation: the clients of `fedit run` live in this process, which "
+            "sees every update anyway; secure aggregation runs over Flower (`fedit federate`, "
+            "`fedit flower-app`)"
+        )
     partition = _partition(cfg, progress, remote=engine is not None)
     if partition.clients:  # what the partition alone decides fails before the model loads
         Server.check(cfg, len(partition.clients))

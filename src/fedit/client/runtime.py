@@ -22,6 +22,7 @@ from fedit.compression import Codec
 from fedit.config import Config
 from fedit.data.prompts import Example, tokenize_records, usable_count
 from fedit.data.records import DataError, Record
+from fedit.deltas import clipped_delta, gaussian_noise
 from fedit.files import atomic_file
 from fedit.lora import AdapterState, LoraModel, state_bytes
 from fedit.progress import Progress
@@ -189,6 +190,8 @@ class ClientRuntime:
 
     def _encode(self, task: Task, update: Update) -> Update:
         """Compression, client side: the delta is encoded; what it lost is kept for next time."""
+        if task.secure:
+            return self._secure(task, update)
         if self.codec.method == "none":
             update.metrics["bytes_up"] = float(state_bytes(update.state))
             return update
@@ -201,6 +204,22 @@ class ClientRuntime:
             self.store.put(task.client, task.round, left)
         update.wire, update.codec, update.state = wires, self.codec.method, {}
         update.metrics["bytes_up"] = float(nbytes)
+        return update
+
+    def _secure(self, task: Task, update: Update) -> Update:
+        """Secure aggregation: the delta goes into the masked sum. Under DP the client clips it
+        and adds its share of the noise, so the server never sees an un-noised sum."""
+        if task.clip_norm:
+            delta, norm = clipped_delta(update.state, task.adapter, task.clip_norm)
+            update.metrics["clipped"] = float(norm > task.clip_norm)
+        else:
+            delta = {k: v.double() - task.adapter[k].double() for k, v in update.state.items()}
+        if task.noise_std:
+            seed = derive_seed(self.cfg.seed, "dp-noise-share", task.round, task.client)
+            noise = gaussian_noise(delta, task.noise_std, torch.Generator().manual_seed(seed))
+            delta = {k: v + noise[k].double() for k, v in delta.items()}
+        update.state = {k: v.float() for k, v in delta.items()}
+        update.metrics["bytes_up"] = float(sum(v.numel() * 8 for v in delta.values()))
         return update
 
     def handle(self, payload: Payload, slot: str = "") -> Payload:

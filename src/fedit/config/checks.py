@@ -43,6 +43,37 @@ def _check_faults(cfg: Config) -> None:
             )
 
 
+# Server rules that need only the weighted sum of the round's updates.
+SUM_BASED = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def _check_secure(cfg: Config) -> None:
+    """Secure aggregation hides each update: refuse what needs one on the server."""
+    s = cfg.strategy
+    needs_each = [
+        (cfg.federation.strategy not in SUM_BASED, "federation.strategy",
+         f"{cfg.federation.strategy!r} (use one of {', '.join(SUM_BASED)})"),
+        (s.lora_aggregation == "svd", "strategy.lora_aggregation", "'svd' (folds each update)"),
+        (s.robust != "mean", "strategy.robust", f"{s.robust!r}"),
+        (bool(s.clip_norm), "strategy.clip_norm", f"{s.clip_norm:g} (clips each update)"),
+        (bool(cfg.lora.client_ranks), "lora.client_ranks", "heterogeneous ranks"),
+        (cfg.compression.method != "none", "compression.method",
+         f"{cfg.compression.method!r} (SecAgg+ quantizes the masked vector itself)"),
+    ]  # fmt: skip
+    k = cfg.federation.clients_per_round
+    if not cfg.privacy.clip_norm and isinstance(k, int) and k < 2:
+        raise ConfigError(
+            "federation.clients_per_round: secure aggregation hides one update only among "
+            f"others; it needs at least 2 clients a round (got {k})"
+        )
+    for bad, key, what in needs_each:
+        if bad:
+            raise ConfigError(
+                f"{key}: {what} needs each client's own update on the server, which "
+                "privacy.secure_aggregation=true hides; the server sees only the sum"
+            )
+
+
 def check_sections(cfg: Config) -> None:
     """Combinations of keys that cannot work together, named by their keys."""
     _check_faults(cfg)
@@ -88,6 +119,8 @@ def check_sections(cfg: Config) -> None:
             "probability (Poisson sampling, which DP runs use); this rule's inclusion "
             "probabilities it cannot bound: use 'uniform' or 'poisson'"
         )
+    if cfg.privacy.secure_aggregation:
+        _check_secure(cfg)
     if s.lora_aggregation == "svd" and s.robust != "mean":
         raise ConfigError(
             f"strategy.robust={s.robust!r} works on adapter coordinates; it cannot combine "

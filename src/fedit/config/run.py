@@ -88,6 +88,17 @@ class PrivacyConfig:
         0.0, "DP: stop (or warn) before epsilon would exceed this; 0 = none."
     )
     on_budget: Literal["stop", "warn"] = opt("stop", "DP: what reaching epsilon_budget does.")
+    secure_aggregation: bool = opt(
+        False,
+        "Flower only: the server learns only the sum of the round's updates (Flower's SecAgg+; "
+        "with DP the clients clip and add the noise). Needs a sum-based rule: fedavg, fedprox, "
+        "fedavgm, fedadam, fedyogi or fedadagrad with naive or ffa LoRA aggregation.",
+    )
+    secagg_clipping_range: float = opt(
+        8.0,
+        "Secure aggregation: each weighted update delta value is clipped to +-this before "
+        "SecAgg+ quantizes it to 2^22 levels (Flower's default range).",
+    )
 
     def __post_init__(self) -> None:
         check(self.clip_norm >= 0, "privacy.clip_norm", "must be >= 0")
@@ -96,6 +107,7 @@ class PrivacyConfig:
         check(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0")
         if self.noise_multiplier > 0:
             check(self.clip_norm > 0, "privacy.noise_multiplier", "needs privacy.clip_norm > 0")
+        check(self.secagg_clipping_range > 0, "privacy.secagg_clipping_range", "must be > 0")
 
 
 @dataclass

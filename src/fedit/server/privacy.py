@@ -18,29 +18,22 @@ from typing import Any
 import torch
 
 from fedit.config import PrivacyConfig
+from fedit.deltas import clipped_delta, gaussian_noise
 from fedit.lora import AdapterState
 from fedit.protocol import ClientPlan, Update
 from fedit.seeding import derive_seed
-from fedit.server.strategies.aggregate import clip_scale, update_norm
 from fedit.server.strategies.base import Strategy, full_states
 
 ROUNDS_KEY = "dp.rounds"
 
-
-def clipped_delta(
-    state: AdapterState, reference: AdapterState, bound: float
-) -> tuple[AdapterState, float]:
-    """(state - reference) in float64, scaled to L2 norm <= bound, and its norm before."""
-    norm = update_norm(state, reference)
-    scale = clip_scale(norm, bound)
-    return {k: (v.double() - reference[k].double()) * scale for k, v in state.items()}, norm
+__all__ = ["Accountant", "DPFedAvg", "clipped_delta", "gaussian_noise"]
 
 
-def gaussian_noise(like: AdapterState, std: float, generator: torch.Generator) -> AdapterState:
-    return {
-        k: torch.randn(v.shape, generator=generator, dtype=torch.float32) * std
-        for k, v in like.items()
-    }
+def secagg_threshold(sampled: int) -> int:
+    """Survivors a secure round needs to unmask the sum: half the cohort, at least 2. Under DP
+    each client adds noise of variance (sigma C)^2 / threshold, so any sum that unmasks carries
+    at least the noise of the mechanism."""
+    return max(2, round(0.5 * sampled))
 
 
 class Accountant:
@@ -133,6 +126,27 @@ class DPFedAvg:
             self.accountant.step()
             self.report.update(epsilon=self.accountant.epsilon(), delta=p.delta)
         return {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
+
+    def aggregate_noised_sum(
+        self, global_state: AdapterState, total: AdapterState, clients: int, noise_std: float
+    ) -> AdapterState:
+        """Secure aggregation: the clients clipped their deltas and added the noise in shares
+        (`noise_std` each); the server only divides the sum it unmasked by the fixed m."""
+        g, m = global_state, self.per_round
+        self.rounds += 1
+        self.report = {
+            "clip_norm": self.p.clip_norm,
+            "clients": clients,
+            "noise_std_of_mean": noise_std * clients**0.5 / m,
+            "noise_added_by": "clients (secure aggregation)",
+        }
+        if self.accountant is not None:
+            self.accountant.step()
+            self.report.update(epsilon=self.accountant.epsilon(), delta=self.p.delta)
+        return {
+            k: (g[k].double() + total[k].double() / m).to(g[k].dtype) if k in total else g[k]
+            for k in g
+        }
 
     def round_metrics(self) -> dict[str, Any]:
         return {"privacy": self.report}

@@ -9,8 +9,10 @@ updates back.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from fedit.compression import Codec
@@ -21,7 +23,7 @@ from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
 from fedit.protocol import Task, Update
 from fedit.seeding import generator
-from fedit.server.privacy import ROUNDS_KEY, DPFedAvg
+from fedit.server.privacy import ROUNDS_KEY, DPFedAvg, secagg_threshold
 from fedit.server.screening import inject, screen
 from fedit.server.selection import SELECTORS
 from fedit.server.strategies import Strategy, build_strategy
@@ -125,6 +127,8 @@ class Server:
         return accepted, faults
 
     def run_round(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
+        if self.cfg.privacy.secure_aggregation:
+            return self._secure_round(rnd, engine, run_id)
         t0 = time.perf_counter()
         chosen = self.select(rnd)
         updates, faults = self.collect(rnd, engine.launch(self.tasks(rnd, chosen, run_id)))
@@ -169,6 +173,68 @@ class Server:
         report = getattr(self.strategy, "round_metrics", None)
         if report is not None:
             row.update(report())
+        return row
+
+    def _secure_round(self, rnd: int, engine: Engine, run_id: str) -> dict[str, Any]:
+        """A round under secure aggregation: the server learns the survivors' sum only."""
+        t0 = time.perf_counter()
+        chosen = self.select(rnd)
+        tasks = [replace(t, secure=True) for t in self.tasks(rnd, chosen, run_id)]
+        share = 0.0
+        if self.dp is not None:  # each client adds its share: the sum has >= sigma*C noise
+            p = self.cfg.privacy
+            share = p.noise_multiplier * p.clip_norm / secagg_threshold(len(tasks)) ** 0.5
+            tasks = [replace(t, clip_norm=p.clip_norm, noise_std=share) for t in tasks]
+        row: dict[str, Any] = {"round": rnd, "clients": chosen, "faults": [], "secure": True}
+        result = engine.secure_round(tasks, "equal" if self.dp else "examples")  # type: ignore[attr-defined]
+        need = max(2, self.cfg.federation.min_clients)
+        if result is None or len(result.clients) < need:
+            if self.dp is not None and len(tasks) < 2:  # a small Poisson cohort: skip it
+                self.dp.rounds += 1
+                if self.dp.accountant is not None:
+                    self.dp.accountant.step()  # counted all the same: conservative
+                note = "fewer than 2 clients sampled: no secure sum this round"
+                row.update(accepted=[], train_loss=None, client_metrics=[], note=note)
+                row["time"] = {"train": time.perf_counter() - t0, "aggregate": 0.0}
+                return row
+            raise RoundError(
+                f"round {rnd}: secure aggregation did not complete with clients {chosen} "
+                f"(needs {need} survivors); the global adapter of round {rnd - 1} is kept"
+            )
+        t1 = time.perf_counter()
+        g = self.global_state
+        delta = {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in result.mean.items()}
+        if self.dp is not None:
+            total = {k: v * result.weight for k, v in delta.items()}  # equal weights: the sum
+            self.global_state = self.dp.aggregate_noised_sum(g, total, len(result.clients), share)
+        else:
+            state = {k: (g[k].double() + v).to(g[k].dtype) for k, v in delta.items()}
+            mean = Update(-1, state, int(result.weight), 0)
+            self.global_state = self.strategy.aggregate(g, [mean])
+        t2 = time.perf_counter()
+        metrics = [
+            {"client": int(m["client"]), "examples": int(m["num_examples"]),
+             **{k[len("metric."):]: float(v) for k, v in m.items() if k.startswith("metric.")}}
+            for m in result.clients
+        ]  # fmt: skip
+        n = sum(m["examples"] for m in metrics)
+        values = sum(v.numel() for v in delta.values())
+        row.update(
+            accepted=sorted(m["client"] for m in metrics),
+            faults=[
+                {"client": c, "reason": "lost during secure aggregation"}
+                for c in chosen
+                if c not in {m["client"] for m in metrics}
+            ],
+            train_loss=sum(m["train_loss"] * m["examples"] for m in metrics) / n,
+            client_metrics=metrics,
+            # The masked vector: one int64 per value (SecAgg+'s modular arithmetic).
+            bytes_up_per_client=float(values * 8),
+            bytes_down_per_client=state_bytes(self.global_state),
+            time={"train": t1 - t0, "aggregate": t2 - t1},
+        )
+        if self.dp is not None:
+            row["privacy"] = self.dp.report
         return row
 
     # ---------------------------------------------------------------- privacy

@@ -25,14 +25,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedit.engines.flower import node
+from fedit.engines.flower import node, secagg
 from fedit.protocol import Payload, Task, Update
 
 if TYPE_CHECKING:
     import torch
 
 
-client_app = ClientApp()
+# Flower's SecAgg+ client mod handles the messages of secure rounds (`secagg.py`).
+client_app = ClientApp(mods=[secagg.secure_mod])
 server_app = ServerApp()
 
 
@@ -62,8 +63,8 @@ def _payload(content: Any) -> Payload:
 # ---------------------------------------------------------------- ClientApp (the shim)
 
 
-def _worker(context: Context, msg: Message) -> Any:
-    task: Any = msg.content["task"]
+def _worker(context: Context, msg: Message, task: Any = None) -> Any:
+    task = msg.content["task"] if task is None else task
     return node.connect(
         context.node_id,
         msg.metadata.run_id,
@@ -83,13 +84,18 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    task: Any = msg.content["task"]
-    payload = {
-        "config": task["config"],
-        "node_config": dict(context.node_config),
-        "payload": _payload(msg.content),
-    }
-    reply = node.call(_worker(context, msg), "train", payload)
+    secure = secagg.is_fitins(msg.content)  # the 'collect' stage of a secure round
+    if secure:
+        task: Any = msg.content.config_records["fitins.config"]
+        payload = secagg.payload_of_fitins(msg.content, SHIM_KEYS)
+    else:
+        task = msg.content["task"]
+        payload = _payload(msg.content)
+    request = {"config": task["config"], "node_config": dict(context.node_config),
+               "payload": payload}  # fmt: skip
+    reply = node.call(_worker(context, msg, task), "train", request)
+    if secure:
+        return Message(secagg.fitres_content(reply, str(task[secagg.WEIGHT])), reply_to=msg)
     return Message(_content(reply), reply_to=msg)
 
 
@@ -99,8 +105,11 @@ def train(msg: Message, context: Context) -> Message:
 class FlowerClients:
     """fedit's `Remote`: clients are Flower nodes; each node announces which client it holds."""
 
-    def __init__(self, grid: Grid, cfg: Any, config_json: str, progress: Any) -> None:
+    def __init__(
+        self, grid: Grid, cfg: Any, config_json: str, progress: Any, context: Context
+    ) -> None:
         self.grid = grid
+        self.context = context
         self.cfg = cfg
         self.config_json = config_json
         self.progress = progress
@@ -213,6 +222,32 @@ class FlowerClients:
 
         return [(t.client, result(t.client)) for t in tasks]
 
+    def secure_round(self, tasks: Sequence[Task], weight: str) -> secagg.SecureSum | None:
+        """One round of Flower's SecAgg+ over the tasks' nodes: only the sum comes back."""
+        online = set(self.grid.get_node_ids())
+        live = [t for t in tasks if self.node_of[t.client] in online]
+        for t in tasks:
+            if t not in live:
+                reason = f"node {self.node_of[t.client]} is not connected"
+                self.lost.append({"round": t.round, "client": t.client,
+                                  "node": self.node_of[t.client], "reason": reason})  # fmt: skip
+        if len(live) < 2:
+            return None
+        seed = int(self.cfg.seed)
+        shim = dict(self._task())
+        fitins = {
+            self.node_of[t.client]: secagg.fitins_of(t.to_payload(), weight, seed + t.client, shim)
+            for t in live
+        }
+        keys = sorted(
+            k for k in live[0].adapter if live[0].plan.train_lora_A or ".lora_A." not in k
+        )
+        max_weight = 1.0 if weight == "equal" else float(max(self.sizes))
+        return secagg.secure_round(
+            self.grid, self.context, live[0].round, fitins, keys, max_weight,
+            self.cfg.privacy.secagg_clipping_range, self.cfg.flower.round_timeout,
+        )  # fmt: skip
+
     def client_state(self, upto: int) -> dict[str, torch.Tensor] | None:
         return None  # each node keeps its client's state on its own disk
 
@@ -247,7 +282,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_dict(json.loads(config_json))
     out = Path(str(context.run_config["out-dir"]))
     progress = Progress()
-    clients = FlowerClients(grid, cfg, config_json, progress)
+    clients = FlowerClients(grid, cfg, config_json, progress, context)
     result = run_federation(cfg, out, resume=True, progress=progress, engine=clients)
     last = next((h["eval"] for h in reversed(result.history) if h.get("eval")), None)
     progress.log(

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fedit.deltas import clip_scale, like, update_norm
 from fedit.lora import AdapterState, module_of
+
+__all__ = ["clip_scale", "like", "update_norm"]  # the one norm and clip rule, shared
 
 
 def _check_same_keys(states: Sequence[AdapterState]) -> None:
@@ -67,29 +70,6 @@ def trimmed_mean(states: Sequence[AdapterState], ratio: float) -> AdapterState:
         stacked = torch.stack([s[k].to(torch.float64) for s in states]).sort(dim=0).values
         out[k] = stacked[cut : n - cut].mean(dim=0).to(states[0][k].dtype)
     return out
-
-
-def like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`reference` cut to `value`'s shape (a client of lower LoRA rank sends a leading slice)."""
-    if reference.shape == value.shape:
-        return reference
-    return reference[tuple(slice(0, n) for n in value.shape)]
-
-
-def update_norm(state: AdapterState, reference: AdapterState) -> float:
-    """L2 norm of (state - reference) over the keys of `state`, in float64.
-
-    The one norm behind `strategy.clip_norm`, DP-FedAvg's clipping and the fault screen.
-    """
-    sq = 0.0
-    for k, v in state.items():
-        sq += float((v.double() - like(reference[k], v).double()).pow(2).sum())
-    return math.sqrt(sq)
-
-
-def clip_scale(norm: float, bound: float) -> float:
-    """The factor that brings a change of L2 norm `norm` within `bound` (1 if it is)."""
-    return bound / norm if norm > bound and norm > 0 else 1.0
 
 
 def clip_update(state: AdapterState, reference: AdapterState, max_norm: float) -> AdapterState:
