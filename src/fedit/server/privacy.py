@@ -127,6 +127,13 @@ class DPFedAvg:
             self.report.update(epsilon=self.accountant.epsilon(), delta=p.delta)
         return {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
 
+    def skip_round(self) -> None:
+        """A round that releases nothing (no secure sum could be formed) still counts, for the
+        accountant too: conservative."""
+        self.rounds += 1
+        if self.accountant is not None:
+            self.accountant.step()
+
     def aggregate_noised_sum(
         self, global_state: AdapterState, total: AdapterState, clients: int, noise_std: float
     ) -> AdapterState:

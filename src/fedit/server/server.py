@@ -190,9 +190,7 @@ class Server:
         need = max(2, self.cfg.federation.min_clients)
         if result is None or len(result.clients) < need:
             if self.dp is not None and len(tasks) < 2:  # a small Poisson cohort: skip it
-                self.dp.rounds += 1
-                if self.dp.accountant is not None:
-                    self.dp.accountant.step()  # counted all the same: conservative
+                self.dp.skip_round()
                 note = "fewer than 2 clients sampled: no secure sum this round"
                 row.update(accepted=[], train_loss=None, client_metrics=[], note=note)
                 row["time"] = {"train": time.perf_counter() - t0, "aggregate": 0.0}
