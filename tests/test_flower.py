@@ -131,6 +131,60 @@ def test_secure_aggregation_equals_plain_fedavg_within_quantization(tmp_path: Pa
         run_federation(load_config(path, ["privacy.secure_aggregation=true"]))
 
 
+def test_secure_aggregation_under_dp_noises_on_the_clients_and_survives_a_node_leaving(
+    tmp_path: Path,
+) -> None:
+    """DP with SecAgg+: each client clips and adds a secret noise share, so the sum the server
+    unmasks already carries the mechanism's noise. Client 3's node exits after sending its
+    masked update (before the unmask stage): its update still counts, its mask is rebuilt
+    from the other nodes' shares."""
+    path, _ = _config(
+        tmp_path,
+        partition={"num_clients": 4},
+        federation={"rounds": 1, "clients_per_round": 4},
+        privacy={"clip_norm": 0.05, "noise_multiplier": 0.5, "secure_aggregation": True},
+        faults={"inject": ["leave:3:1"]},
+        flower={"round_timeout": 45.0},
+        eval={"every": 0},
+    )
+    out = tmp_path / "secure-dp"
+    assert main(["federate", str(path), "--nodes", "4", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["round"] == 1]
+    assert row["secure"] and row["accepted"] == [0, 1, 2, 3] and not row["faults"]
+    assert row["privacy"]["noise_added_by"] == "clients (secure aggregation)"
+    # Nothing data-dependent in the clear under DP: no per-client loss, size or clip flag.
+    assert row["train_loss"] is None
+    assert all(
+        set(m) == {"client", "examples"} and not m["examples"] for m in row["client_metrics"]
+    )
+    pids = json.loads((out / "flower" / "pids.json").read_text())
+    assert not _alive([pids["supernode-3"]])  # it did leave
+    # The noiseless reference: the same clipped clients, aggregated in one process.
+    sets = ["privacy.secure_aggregation=false", "privacy.noise_multiplier=0", "faults.inject=[]"]
+    ref = run_federation(load_config(path, sets), tmp_path / "ref").adapter
+    got = load_adapter_state(out / "adapter")
+    noise = torch.cat([(got[k].double() - v.double()).flatten() for k, v in ref.items()])
+    # Each of the 4 clients adds N(0, (sigma C)^2 / t), t = 2 survivors needed to unmask; the
+    # mean divides by m = 4: per-coordinate std sigma C / m * sqrt(4 / t).
+    want = 0.5 * 0.05 / 4 * 2**0.5
+    assert noise.numel() > 1000 and abs(noise.std().item() / want - 1) < 0.1, noise.std()
+    assert abs(noise.mean().item()) < 4 * want / noise.numel() ** 0.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == pytest.approx(ref_epsilon(0.5, 1.0, 1), rel=1e-9)
+    keys = list((out / "flower" / "nodes").glob("node-*/**/noise.key"))
+    assert len(keys) == 4 and all(k.stat().st_mode & 0o077 == 0 for k in keys)
+
+
+def ref_epsilon(sigma: float, q: float, rounds: int) -> float:
+    from fedit.server.privacy import Accountant
+
+    acc = Accountant(sigma, q, 1e-5)
+    for _ in range(rounds):
+        acc.step()
+    return acc.epsilon()
+
+
 def test_node_killed_mid_run_is_recorded_and_run_finishes(tmp_path: Path) -> None:
     path, _ = _config(
         tmp_path,

@@ -258,3 +258,32 @@ def test_selection_rules_the_accountant_cannot_bound_are_refused(
     SELECTORS.register("test-loss-driven", replace=True)(lambda sizes, k, rng: list(range(k)))
     with pytest.raises(ConfigError, match=rf"federation.selection='{rule}': DP-FedAvg"):
         tiny_config(data_file, privacy={"clip_norm": 1.0}, federation={"selection": rule})
+
+
+def test_secure_client_noise_comes_from_its_own_secret(tmp_path: Path, data_file: Path) -> None:
+    """Under DP with secure aggregation the client's noise share is not a function of the run's
+    seed (which the server knows): a client folder's secret repeats it, another folder's does
+    not. A non-finite update is refused, not sent into the sum."""
+    from dataclasses import replace
+
+    from fedit.client.runtime import ClientStore
+    from fedit.protocol import Task
+
+    cfg = tiny_config(data_file, privacy={"clip_norm": 0.05, "noise_multiplier": 1.0})
+    rt = client_runtime(cfg)
+    start = get_adapter(rt.lm.model)
+    task = Task(1, 0, start, run_id="r", secure=True, clip_norm=0.05, noise_std=0.5)
+
+    def delta(folder: Path) -> dict[str, torch.Tensor]:
+        rt.store = ClientStore(folder)
+        return rt.train(replace(task, adapter=dict(start))).state
+
+    a, again, other = delta(tmp_path / "a"), delta(tmp_path / "a"), delta(tmp_path / "b")
+    key = tmp_path / "a" / "client_0000" / "noise.key"
+    assert key.stat().st_size == 32 and key.stat().st_mode & 0o077 == 0
+    for k in a:
+        torch.testing.assert_close(a[k], again[k])  # the same node repeats its adapter
+        assert (a[k] - other[k]).abs().max() > 0.1  # noise std 0.5: a different secret differs
+    bad = {k: torch.full_like(v, float("inf")) for k, v in start.items()}
+    with pytest.raises(FloatingPointError, match="not finite; not sent"):
+        rt._secure(replace(task, clip_norm=0.0), Update(0, bad, 4, 1))

@@ -10,7 +10,11 @@ import os
 import signal
 from collections.abc import Sequence
 
-FAULT_KINDS = ("fail", "nan", "huge")
+FAULT_KINDS = ("fail", "nan", "huge", "leave")
+# Kinds the server applies to an update as it receives it (impossible under secure aggregation,
+# where it receives only the sum); 'leave' happens on the node: it exits after sending its
+# masked update, before the unmask stage of a secure round.
+SERVER_KINDS = ("fail", "nan", "huge")
 CRASH_POINTS = ("train", "checkpoint")
 
 
@@ -48,3 +52,8 @@ def crashes_at(spec: str, point: str, rnd: int) -> bool:
 def crash_now() -> None:
     """SIGKILL this process: no cleanup handler runs, exactly like a power cut or OOM kill."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_group() -> None:
+    """SIGKILL this process's whole process group (a Flower node and the processes it started)."""
+    os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -71,6 +71,13 @@ class ClientPlan:
     rank: int | None = None
 
 
+def secagg_threshold(sampled: int) -> int:
+    """Survivors a secure round needs to unmask the sum: half the cohort, at least 2. Under DP
+    each client adds noise of variance (sigma C)^2 / threshold, so any sum that unmasks carries
+    at least the noise of the mechanism."""
+    return max(2, round(0.5 * sampled))
+
+
 @dataclass
 class Task:
     """The server's request to one client: train from `adapter` under `plan` in round `round`."""

@@ -337,7 +337,11 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
     loss = row["train_loss"]
     return (
         f"round {row['round']}/{rounds} done: clients {row['clients']} train loss "
-        + (f"{loss:.4f}" if loss is not None else "- (no client this round)")
+        + (
+            f"{loss:.4f}"
+            if loss is not None
+            else "- (" + row.get("loss_note", "no client this round") + ")"
+        )
         + (f", held-out loss {ev['loss']:.4f}" if ev else "")
         + (f", epsilon {eps:.3f}" if eps is not None else "")
         + f" ({row['seconds']:.1f}s)"

@@ -9,6 +9,8 @@ the one `train_local`. Every engine builds this and nothing else on the client s
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from fedit.config import Config
 from fedit.data.prompts import Example, tokenize_records, usable_count
 from fedit.data.records import DataError, Record
 from fedit.deltas import clipped_delta, gaussian_noise
-from fedit.files import atomic_file
+from fedit.files import atomic_bytes, atomic_file
 from fedit.lora import AdapterState, LoraModel, state_bytes
 from fedit.progress import Progress
 from fedit.protocol import Payload, Task, Update
@@ -44,6 +46,7 @@ class ClientStore:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self.mem: dict[int, dict[int, AdapterState]] = {}
+        self.secrets: dict[int, tuple[int, ...]] = {}
 
     def _client_dir(self, client: int) -> Path:
         assert self.folder is not None
@@ -80,6 +83,24 @@ class ClientStore:
             path = self._client_dir(client) / f"round_{rnd:04d}.safetensors"
             with atomic_file(path, binary=True) as f:
                 f.write(_safetensors_bytes(state))
+
+    def secret(self, client: int) -> tuple[int, ...]:
+        """A seed only this client knows (its DP noise shares under secure aggregation): drawn
+        from the OS at first use and kept owner-only in the client's folder, so the same node
+        repeats its noise while the server, which knows the run's seed, cannot regenerate it."""
+        if client not in self.secrets:
+            path = self._client_dir(client) / "noise.key" if self.folder is not None else None
+            if path is not None and path.is_file():
+                key = path.read_bytes()
+            else:
+                key = os.urandom(32)
+                if path is not None:
+                    atomic_bytes(path, key, private=True)
+            words = hashlib.sha256(key).digest()
+            self.secrets[client] = tuple(
+                int.from_bytes(words[i : i + 4], "big") for i in (0, 4, 8, 12, 16, 20, 24, 28)
+            )
+        return self.secrets[client]
 
     def _used(self, client: int, before: int) -> int | None:
         """The round of the latest state before round `before`."""
@@ -215,9 +236,17 @@ class ClientRuntime:
         else:
             delta = {k: v.double() - task.adapter[k].double() for k, v in update.state.items()}
         if task.noise_std:
-            seed = derive_seed(self.cfg.seed, "dp-noise-share", task.round, task.client)
+            # 256 secret bits in, a 63-bit generator seed out: not guessable from the run seed.
+            parts = self.store.secret(task.client)
+            seed = derive_seed(0, "dp-noise-share", *parts, task.run_id, task.round)
             noise = gaussian_noise(delta, task.noise_std, torch.Generator().manual_seed(seed))
             delta = {k: v + noise[k].double() for k, v in delta.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+            # Quantized, a NaN is garbage in the sum; the node drops out of the round instead.
+            raise FloatingPointError(
+                f"client {task.client}, round {task.round}: the update is not finite; not sent "
+                "to the secure sum"
+            )
         update.state = {k: v.float() for k, v in delta.items()}
         update.metrics["bytes_up"] = float(sum(v.numel() * 8 for v in delta.values()))
         return update

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedit.config.fields import ConfigError
+from fedit.faults import SERVER_KINDS
 
 if TYPE_CHECKING:
     from fedit.config.tree import Config
@@ -23,7 +24,20 @@ def _check_faults(cfg: Config) -> None:
     """A fault that could never happen is a mistake in the spec, not a no-op."""
     rounds, clients = cfg.federation.rounds, _clients(cfg)
     for i, spec in enumerate(cfg.faults.inject):
-        _, client, rnd = spec.split(":")
+        kind, client, rnd = spec.split(":")
+        secure = cfg.privacy.secure_aggregation
+        if secure and kind in SERVER_KINDS:
+            raise ConfigError(
+                f"faults.inject[{i}]: {kind!r} corrupts one update as the server receives it; "
+                "under privacy.secure_aggregation the server receives only the sum (the fault "
+                "of a secure round is 'leave')"
+            )
+        if kind == "leave" and not secure:
+            raise ConfigError(
+                f"faults.inject[{i}]: 'leave' (a node exits after sending its masked update) is "
+                "a fault of the secure-aggregation protocol; it needs "
+                "privacy.secure_aggregation = true on `fedit federate`"
+            )
         if rnd != "*" and not 1 <= int(rnd) <= rounds:
             raise ConfigError(
                 f"faults.inject[{i}]: {spec!r} names round {rnd}; the run has rounds 1.."

@@ -30,8 +30,10 @@ class EvalConfig:
 class FaultsConfig:
     inject: list[str] = opt(
         [],
-        "Injected client faults 'KIND:CLIENT:ROUND' (KIND fail | nan | huge; CLIENT and ROUND a "
-        "number or '*'), to test and demonstrate fault handling.",
+        "Injected client faults 'KIND:CLIENT:ROUND' (KIND fail | nan | huge, applied by the server "
+        "as it receives the update, or leave: under secure aggregation the client's node exits "
+        "after sending its masked update; CLIENT and ROUND a number or '*'), to test and "
+        "demonstrate fault handling.",
     )
     crash: str = opt(
         "",

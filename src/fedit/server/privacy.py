@@ -29,13 +29,6 @@ ROUNDS_KEY = "dp.rounds"
 __all__ = ["Accountant", "DPFedAvg", "clipped_delta", "gaussian_noise"]
 
 
-def secagg_threshold(sampled: int) -> int:
-    """Survivors a secure round needs to unmask the sum: half the cohort, at least 2. Under DP
-    each client adds noise of variance (sigma C)^2 / threshold, so any sum that unmasks carries
-    at least the noise of the mechanism."""
-    return max(2, round(0.5 * sampled))
-
-
 class Accountant:
     """Epsilon spent so far at `delta`, by opacus's RDP accountant."""
 

@@ -21,9 +21,9 @@ from fedit.errors import FeditError
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
-from fedit.protocol import Task, Update
+from fedit.protocol import Task, Update, secagg_threshold
 from fedit.seeding import generator
-from fedit.server.privacy import ROUNDS_KEY, DPFedAvg, secagg_threshold
+from fedit.server.privacy import ROUNDS_KEY, DPFedAvg
 from fedit.server.screening import inject, screen
 from fedit.server.selection import SELECTORS
 from fedit.server.strategies import Strategy, build_strategy
@@ -211,11 +211,12 @@ class Server:
             self.global_state = self.strategy.aggregate(g, [mean])
         t2 = time.perf_counter()
         metrics = [
-            {"client": int(m["client"]), "examples": int(m["num_examples"]),
+            {"client": int(m["client"]), "examples": int(m.get("num_examples", 0)),
              **{k[len("metric."):]: float(v) for k, v in m.items() if k.startswith("metric.")}}
             for m in result.clients
         ]  # fmt: skip
         n = sum(m["examples"] for m in metrics)
+        losses = [m for m in metrics if "train_loss" in m]  # none under DP: not released
         values = sum(v.numel() for v in delta.values())
         row.update(
             accepted=sorted(m["client"] for m in metrics),
@@ -224,7 +225,7 @@ class Server:
                 for c in chosen
                 if c not in {m["client"] for m in metrics}
             ],
-            train_loss=sum(m["train_loss"] * m["examples"] for m in metrics) / n,
+            train_loss=sum(m["train_loss"] * m["examples"] for m in losses) / n if losses else None,
             client_metrics=metrics,
             # The masked vector: one int64 per value (SecAgg+'s modular arithmetic).
             bytes_up_per_client=float(values * 8),
@@ -233,6 +234,7 @@ class Server:
         )
         if self.dp is not None:
             row["privacy"] = self.dp.report
+            row["loss_note"] = "not released under DP with secure aggregation"
         return row
 
     # ---------------------------------------------------------------- privacy

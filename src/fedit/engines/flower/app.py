@@ -236,7 +236,13 @@ class FlowerClients:
         seed = int(self.cfg.seed)
         shim = dict(self._task())
         fitins = {
-            self.node_of[t.client]: secagg.fitins_of(t.to_payload(), weight, seed + t.client, shim)
+            self.node_of[t.client]: secagg.fitins_of(
+                t.to_payload(),
+                weight,
+                (seed * 100_003 + t.round) * 100_003 + t.client,
+                shim,
+                leave="leave" in self.cfg.faults.injected(t.client, t.round),
+            )
             for t in live
         }
         keys = sorted(

@@ -31,13 +31,15 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from fedit.protocol import Payload
-from fedit.server.privacy import secagg_threshold
+from fedit.faults import crash_group
+from fedit.protocol import Payload, secagg_threshold
 
 KEYS = "fedit.keys"  # the adapter keys, in the order of the legacy parameter list
 WEIGHT = "fedit.weight"  # 'examples' (FedAvg) or 'equal' (DP-FedAvg)
+SEED = "fedit.seed"  # seeds the mod's stochastic rounding
+LEAVE = "fedit.leave"  # the injected fault 'leave': exit after sending the masked update
 
 
 # ---------------------------------------------------------------- the node's side
@@ -47,16 +49,22 @@ def secure_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     """Flower's `secaggplus_mod` for the messages of the SecAgg+ protocol; others pass."""
     from flwr.client.mod import secaggplus_mod
 
-    if msg.metadata.message_type == MessageType.TRAIN and (
-        RECORD_KEY_CONFIGS in msg.content.config_records
-    ):
-        task = msg.content.config_records.get("fitins.config")
-        seed = int(str(task.get("fedit.seed", 0))) if task is not None else 0
+    configs = msg.content.config_records
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in configs:
+        return call_next(msg, ctxt)
+    stage = str(configs[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
+    task = configs.get("fitins.config")
+    if stage == Stage.UNMASK and ctxt.state.config_records.get(LEAVE) is not None:
+        crash_group()  # the node leaves after its masked update, before its shares
+    if task is not None:
         # The mod rounds stochastically with numpy's global generator; this process serves
         # this one message, so seeding it here makes the rounding (hence the adapter) repeat.
-        np.random.seed(seed % 2**32)
-        return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
+        np.random.seed(int(str(task.get(SEED, 0))) % 2**32)
+        if task.get(LEAVE):
+            ctxt.state.config_records[LEAVE] = ConfigRecord({"round": int(str(task["round"]))})
+        else:
+            ctxt.state.config_records.pop(LEAVE, None)
+    return secaggplus_mod(msg, ctxt, call_next)
 
 
 def is_fitins(content: RecordDict) -> bool:
@@ -68,7 +76,7 @@ def payload_of_fitins(content: RecordDict, shim_keys: tuple[str, ...]) -> Payloa
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     keys = json.loads(str(fitins.config[KEYS]))
     arrays = parameters_to_ndarrays(fitins.parameters)
-    skip = (KEYS, WEIGHT, "fedit.seed", *shim_keys)
+    skip = (KEYS, WEIGHT, SEED, LEAVE, *shim_keys)
     values = {k: v for k, v in fitins.config.items() if k not in skip}
     return Payload({"adapter": dict(zip(keys, arrays, strict=True))}, values)  # type: ignore[arg-type]
 
@@ -77,9 +85,12 @@ def fitres_content(update: Payload, weight: str) -> RecordDict:
     """A client's (secure-mode) update payload as the legacy FitRes the mod masks."""
     delta = update.arrays["state"]
     n = int(update.values["num_examples"])
-    metrics: dict[str, Any] = {k: v for k, v in update.values.items() if k.startswith("metric.")}
-    metrics.update(client=int(update.values["client"]), num_examples=n,
-                   num_steps=int(update.values["num_steps"]))  # fmt: skip
+    metrics: dict[str, Any] = {"client": int(update.values["client"])}
+    if weight != "equal":  # FedAvg: the server sees each client's size and training metrics
+        metrics.update({k: v for k, v in update.values.items() if k.startswith("metric.")})
+        metrics.update(num_examples=n, num_steps=int(update.values["num_steps"]))
+    # Under DP (equal weights) nothing data-dependent leaves the node outside the noised sum:
+    # no loss, no size, no "was clipped".
     parameters = ndarrays_to_parameters([delta[k].astype(np.float32) for k in sorted(delta)])
     fitres = FitRes(Status(Code.OK, ""), parameters, 1 if weight == "equal" else n, metrics)
     return compat.fitres_to_recorddict(fitres, keep_input=True)
@@ -170,11 +181,14 @@ def secure_round(
     return SecureSum(dict(zip(keys, mean, strict=True)), total, clients, collect.failures)
 
 
-def fitins_of(payload: Payload, weight: str, seed: int, shim: dict[str, Any]) -> FitIns:
+def fitins_of(
+    payload: Payload, weight: str, seed: int, shim: dict[str, Any], leave: bool = False
+) -> FitIns:
     """A fedit task as the legacy FitIns the workflow sends in its 'collect' stage (`shim`:
-    what the ClientApp shim needs to reach the node worker)."""
+    what the ClientApp shim needs to reach the node worker; `leave`: the injected fault)."""
     arrays = payload.arrays["adapter"]
     order = sorted(arrays)
     config: dict[str, Any] = {**payload.values, **shim, KEYS: json.dumps(order), WEIGHT: weight}
-    config["fedit.seed"] = seed
+    config[SEED] = seed
+    config[LEAVE] = leave
     return FitIns(ndarrays_to_parameters([arrays[k] for k in order]), config)
