@@ -41,8 +41,8 @@ def by_category(
     return [[i for i, r in enumerate(records) if r.category == c] for c in cats]
 
 
-def first_clients(sizes: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
-    return list(range(k))
+def first_clients(s: fedit.Selection) -> list[int]:
+    return sorted(s.available)[: s.k]
 
 
 def qa_template(record: Record, tokenizer: Any) -> tuple[str, str]:

@@ -20,7 +20,7 @@ LAYERS = [
     ("fedit.data", "fedit.models", "fedit.resources", "fedit.compression", "fedit.protocol"),
     ("fedit.lora", "fedit.checkpoint", "fedit.fingerprint", "fedit.deltas"),
     ("fedit.client.batching",),
-    ("fedit.client.train", "fedit.heldout", "fedit.inference"),
+    ("fedit.client.train", "fedit.heldout", "fedit.inference", "fedit.fairness"),
     ("fedit.client", "fedit.server"),
     ("fedit.engines.inprocess", "fedit.engines.pool", "fedit.engines.flower.node",
      "fedit.engines.flower.certs", "fedit.engines.flower.launch", "fedit.engines"),

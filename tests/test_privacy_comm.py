@@ -255,7 +255,7 @@ def test_dp_samples_clients_by_poisson_seeded_and_resumable(
 def test_selection_rules_the_accountant_cannot_bound_are_refused(
     data_file: Path, rule: str
 ) -> None:
-    SELECTORS.register("test-loss-driven", replace=True)(lambda sizes, k, rng: list(range(k)))
+    SELECTORS.register("test-loss-driven", replace=True)(lambda s: list(range(s.k)))
     with pytest.raises(ConfigError, match=rf"federation.selection='{rule}': DP-FedAvg"):
         tiny_config(data_file, privacy={"clip_norm": 1.0}, federation={"selection": rule})
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "write_partition": "fedit.data.partition",
     "TEMPLATES": "fedit.data.prompts",
     "SELECTORS": "fedit.server.selection",
+    "Selection": "fedit.server.selection",
     "STRATEGIES": "fedit.server.strategies",
     "weighted_average": "fedit.server.strategies",
     "Update": "fedit.protocol",

@@ -69,6 +69,10 @@ class ClientPlan:
     train_lora_A: bool = True
     # Heterogeneous ranks: train and send only the first `rank` LoRA components.
     rank: int | None = None
+    # A round deadline (simulated systems): the steps the client finishes in time. Past it
+    # the client sends the work done (`partial`) or, if not, only that it was too slow.
+    max_steps: int | None = None
+    partial: bool = False
 
 
 def secagg_threshold(sampled: int) -> int:
@@ -93,6 +97,9 @@ class Task:
     secure: bool = False
     clip_norm: float = 0.0
     noise_std: float = 0.0
+    # > 0: do not train; answer with the loss of `adapter` on this many of the client's
+    # examples (a selection rule's probe, e.g. Power-of-Choice).
+    probe: int = 0
 
     def to_payload(self) -> Payload:
         p = Payload()
@@ -100,7 +107,9 @@ class Task:
                         prox_mu=float(self.plan.prox_mu), train_lora_A=self.plan.train_lora_A,
                         rank=-1 if self.plan.rank is None else int(self.plan.rank),
                         secure=self.secure, clip_norm=float(self.clip_norm),
-                        noise_std=float(self.noise_std))  # fmt: skip
+                        noise_std=float(self.noise_std), probe=int(self.probe),
+                        max_steps=-1 if self.plan.max_steps is None else int(self.plan.max_steps),
+                        partial=self.plan.partial)  # fmt: skip
         p.arrays["adapter"] = _to_numpy(self.adapter, p.values, "adapter")
         if self.plan.correction is not None:
             p.arrays["correction"] = _to_numpy(self.plan.correction, p.values, "correction")
@@ -110,15 +119,19 @@ class Task:
     def from_payload(cls, p: Payload) -> Task:
         v = p.values
         rank = int(v["rank"])
+        max_steps = int(v.get("max_steps", -1))
         plan = ClientPlan(
             prox_mu=float(v["prox_mu"]),
             correction=_to_torch(p, "correction") if "correction" in p.arrays else None,
             train_lora_A=bool(v["train_lora_A"]),
             rank=None if rank < 0 else rank,
+            max_steps=None if max_steps < 0 else max_steps,
+            partial=bool(v.get("partial", False)),
         )
         return cls(int(v["round"]), int(v["client"]), _to_torch(p, "adapter"), plan,
                    str(v.get("run_id", "")), bool(v.get("secure", False)),
-                   float(v.get("clip_norm", 0.0)), float(v.get("noise_std", 0.0)))  # fmt: skip
+                   float(v.get("clip_norm", 0.0)), float(v.get("noise_std", 0.0)),
+                   int(v.get("probe", 0)))  # fmt: skip
 
 
 @dataclass

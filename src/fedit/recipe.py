@@ -24,12 +24,13 @@ from fedit.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from fedit.client.runtime import ClientRuntime, check_client_data
+from fedit.client.runtime import ClientRuntime, category_counts, check_client_data
 from fedit.config import Config, ConfigError, config_diff, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_partition
 from fedit.data.prompts import TEMPLATES
 from fedit.data.records import DataError
 from fedit.engines import Engine
+from fedit.fairness import fairness
 from fedit.files import append_line, atomic_json, atomic_lines, atomic_text, writable_folder
 from fedit.fingerprint import changed, fingerprints
 from fedit.heldout import HeldOut, evaluate_loss, heldout_set, lost_note
@@ -99,7 +100,9 @@ class Setup:
 
     def evaluate(self) -> dict[str, Any]:
         set_adapter(self.lm.model, self.server.global_state)
-        return evaluate_loss(self.lm.model, self.held.eval_set, self.lm.pad_id)
+        result = evaluate_loss(self.lm.model, self.held.eval_set, self.lm.pad_id)
+        result["fairness"] = fairness(result, self.server.categories)
+        return result
 
 
 def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | None = None) -> Setup:
@@ -129,7 +132,8 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     if engine is None:
         check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
         engine = local_engine(cfg, lm, partition, progress)
-    server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress)
+    server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress,
+                    getattr(engine, "categories", None))  # fmt: skip
     return Setup(cfg, partition, lm, held, engine, server)
 
 
@@ -138,7 +142,8 @@ def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Pro
     if cfg.federation.workers > 1:
         from fedit.engines.pool import WorkerPool
 
-        return WorkerPool(cfg, [len(c) for c in partition.clients])
+        counts = [category_counts(c) for c in partition.clients]
+        return WorkerPool(cfg, [len(c) for c in partition.clients], counts)
     from fedit.engines.inprocess import InProcess
 
     return InProcess(ClientRuntime(cfg, lm, dict(enumerate(partition.clients)), progress))

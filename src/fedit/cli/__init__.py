@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedit.cli.answers import cmd_chat, cmd_eval, cmd_generate, cmd_serve
-from fedit.config import iter_keys, load_config, to_toml
+from fedit.config import ConfigError, iter_keys, load_config, to_toml
 from fedit.errors import FeditError
 
 
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(cmp)
     cmp.add_argument("--out", help="comparison folder (default: runs/compare-<config name>)")
     cmp.add_argument("--quiet", action="store_true", help="no progress lines")
+    cmp.add_argument(
+        "--seeds", type=int, nargs="+", metavar="SEED",
+        help="run the comparison once per seed (OUT/seed-N) and report mean ± std per arm",
+    )  # fmt: skip
 
     ev = sub.add_parser("eval", help="score a base model or base + adapter on the held-out split")
     _source_args(ev)
@@ -176,7 +180,10 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     partition = make_partition(records, cfg)
     write_partition(partition, out, args.replace)
     print(format_stats(partition.stats))
-    print(f"\nwrote {len(partition.clients)} client files, test.jsonl and stats.json to {out}")
+    print(
+        f"\nwrote {len(partition.clients)} client files, test.jsonl, stats.json and heatmap.png "
+        f"(client x category shares) to {out}"
+    )
     return 0
 
 
@@ -187,7 +194,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / f"compare-{Path(args.config).stem}")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds: {args.seeds} repeats a seed")
     try:
+        if args.seeds:
+            from fedit.evaluate import seeds
+
+            summary = seeds.run_seeds(cfg, out, args.seeds, Progress(enabled=not args.quiet))
+            print(seeds.markdown(summary))
+            print(f"table: {out / 'seeds.md'}  data: {out / 'seeds.json'}  each seed: {out}/seed-N")
+            return 0
         results = run_compare(cfg, out, Progress(enabled=not args.quiet))
     except KeyboardInterrupt:
         return _interrupted(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from fedit.data.prompts import Example, tokenize_records, usable_count
 from fedit.data.records import DataError, Record
 from fedit.deltas import clipped_delta, gaussian_noise
 from fedit.files import atomic_bytes, atomic_file
-from fedit.lora import AdapterState, LoraModel, state_bytes
+from fedit.heldout import EvalSet, evaluate_loss
+from fedit.lora import AdapterState, LoraModel, set_adapter, state_bytes
 from fedit.progress import Progress
 from fedit.protocol import Payload, Task, Update
-from fedit.seeding import derive_seed
+from fedit.seeding import derive_seed, generator
 
 _ROUND_FILE = re.compile(r"round_(\d{4,})\.safetensors$")
 
@@ -128,6 +130,10 @@ def _safetensors_bytes(state: AdapterState) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
+def category_counts(records: Sequence[Record]) -> dict[str, int]:
+    return dict(sorted(Counter(r.category for r in records).items()))
+
+
 def check_client_data(data: Mapping[int, Sequence[Record]], tokenizer: Any, cfg: Config) -> None:
     """Before round 1: every client keeps at least one example at `data.cutoff_len`."""
     d = cfg.data
@@ -167,6 +173,10 @@ class ClientRuntime:
         """Record counts of clients 0..n-1 (what selection weighs clients by)."""
         return [len(self.data[c]) for c in range(len(self.data))]
 
+    def categories(self) -> list[dict[str, int]]:
+        """Records per category of clients 0..n-1 (what coverage-aware selection reads)."""
+        return [category_counts(self.data[c]) for c in range(len(self.data))]
+
     def examples(self, client: int) -> list[Example]:
         """Tokenized once per client, on first use, then kept for the run."""
         if client not in self._examples:
@@ -191,6 +201,8 @@ class ClientRuntime:
 
     def train(self, task: Task, slot: str = "") -> Update:
         """One client's local training from the task's adapter under its plan."""
+        if task.probe:
+            return self._probe(task)
         rounds = self.cfg.federation.rounds
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -209,8 +221,23 @@ class ClientRuntime:
         )
         return self._encode(task, update)
 
+    def _probe(self, task: Task) -> Update:
+        """The loss of the task's adapter on `task.probe` of the client's examples (seeded by
+        round and client), without training: what a loss-driven selection rule asks."""
+        examples = self.examples(task.client)
+        rng = generator(self.cfg.seed, "probe", task.round, task.client)
+        n = min(task.probe, len(examples))
+        picked = [examples[int(i)] for i in sorted(rng.choice(len(examples), n, replace=False))]
+        set_adapter(self.lm.model, task.adapter)
+        scored = evaluate_loss(
+            self.lm.model, EvalSet.build(picked, self.cfg.eval.micro_batch_size), self.lm.pad_id
+        )
+        return Update(task.client, {}, len(examples), 0, {"probe_loss": scored["loss"]})
+
     def _encode(self, task: Task, update: Update) -> Update:
         """Compression, client side: the delta is encoded; what it lost is kept for next time."""
+        if update.metrics.get("straggler"):
+            return update  # it missed the deadline: nothing to send, no residual to keep
         if task.secure:
             return self._secure(task, update)
         if self.codec.method == "none":

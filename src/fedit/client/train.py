@@ -45,6 +45,12 @@ def train_local(
         raise ValueError(f"client {client_id} has no training examples")
     plan = plan or ClientPlan()
     t_setup = time.perf_counter()
+    schedule = client_schedule(examples, cfg, seed)
+    planned = len(schedule)
+    late = plan.max_steps is not None and planned > plan.max_steps
+    if late and (not plan.partial or not plan.max_steps):  # too slow for the deadline
+        return Update(client_id, {}, len(examples), 0,
+                          {"straggler": 1.0, "planned_steps": float(planned)})  # fmt: skip
     set_adapter(model, adapter)
     by_key = adapter_parameters(model)
     frozen = [] if plan.train_lora_A else [k for k in by_key if ".lora_A." in k]
@@ -57,7 +63,6 @@ def train_local(
     trained = {k: p for k, p in by_key.items() if k not in frozen}
     params = list(trained.values())
     anchor = {k: p.detach().clone() for k, p in trained.items()} if plan.prox_mu else {}
-    schedule = client_schedule(examples, cfg, seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         _SCHEDULES[cfg.lr_scheduler],
@@ -74,7 +79,10 @@ def train_local(
     try:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "dropout"))
-            for step, micro_batches in enumerate(schedule, start=1):
+            # A partial client stops at the deadline: the first steps of its schedule, under
+            # the learning-rate schedule of the whole.
+            limit = planned if plan.max_steps is None else min(planned, plan.max_steps)
+            for step, micro_batches in enumerate(schedule[:limit], start=1):
                 n_targets = sum(examples[i].num_target_tokens for mb in micro_batches for i in mb)
                 step_loss = 0.0
                 for mb in micro_batches:
@@ -101,7 +109,7 @@ def train_local(
                 target_tokens += n_targets
                 step_losses.append(step_loss)
                 if on_step is not None:
-                    on_step(step, len(schedule), step_loss)
+                    on_step(step, limit, step_loss)
     finally:
         model.eval()
         for k in frozen:
@@ -116,12 +124,13 @@ def train_local(
         client_id=client_id,
         state=state,
         num_examples=len(examples),
-        num_steps=len(schedule),
+        num_steps=limit,
         metrics={
+            "planned_steps": float(planned),
             "train_loss": loss_sum / max(target_tokens, 1),
             "first_step_loss": step_losses[0],
             "last_step_loss": step_losses[-1],
-            "steps": float(len(schedule)),
+            "steps": float(limit),
             "target_tokens": float(target_tokens),
             "real_tokens": float(real_tokens),
             "padding_efficiency": real_tokens / max(computed_tokens, 1),

@@ -28,6 +28,7 @@ from fedit.config.run import (
     FaultsConfig,
     FlowerConfig,
     PrivacyConfig,
+    SystemConfig,
 )
 from fedit.config.training import (
     ClientConfig,
@@ -36,6 +37,7 @@ from fedit.config.training import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
+    SelectionConfig,
     StrategyConfig,
 )
 from fedit.config.tree import Config
@@ -57,7 +59,9 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "SelectionConfig",
     "StrategyConfig",
+    "SystemConfig",
     "config_diff",
     "config_from_dict",
     "iter_keys",

@@ -133,6 +133,21 @@ def check_sections(cfg: Config) -> None:
             "probability (Poisson sampling, which DP runs use); this rule's inclusion "
             "probabilities it cannot bound: use 'uniform' or 'poisson'"
         )
+    sysc = cfg.system
+    if cfg.privacy.clip_norm and (sysc.availability or sysc.diurnal or sysc.profiles):
+        raise ConfigError(
+            "system.availability: a client that is offline cannot be sampled, so its inclusion "
+            "probability is not the rate DP-FedAvg's accountant assumes; under privacy.clip_norm "
+            "leave system.availability, system.diurnal and system.profiles unset"
+        )
+    if cfg.privacy.secure_aggregation and sysc.enabled:
+        raise ConfigError(
+            "system: simulated client systems (speed, availability, deadline) are not modelled "
+            "under privacy.secure_aggregation, where a late node is a protocol dropout; unset "
+            "the system section"
+        )
+    if sysc.straggler == "partial" and not sysc.deadline:
+        raise ConfigError("system.straggler='partial' needs system.deadline > 0")
     if cfg.privacy.secure_aggregation:
         _check_secure(cfg)
     if s.lora_aggregation == "svd" and s.robust != "mean":

@@ -1,4 +1,5 @@
-"""Sections around the rounds: evaluation, faults, Flower, privacy, compression."""
+"""Sections around the rounds: evaluation, faults, client systems, Flower, privacy,
+compression."""
 
 from __future__ import annotations
 
@@ -55,6 +56,85 @@ class FaultsConfig:
 
     def crashes_at(self, point: str, rnd: int) -> bool:
         return crashes_at(self.crash, point, rnd)
+
+
+@dataclass
+class SystemConfig:
+    speed: str = opt(
+        "",
+        "Simulated client speed relative to 1 (steps per virtual second / system.step_seconds), "
+        "drawn per client: 'const:X', 'uniform:LO:HI' or 'lognormal:MU:SIGMA' ('' = all 1).",
+    )
+    availability: str = opt(
+        "",
+        "Probability a client is online in a round, per client: 'const:P', 'uniform:LO:HI' or "
+        "'beta:A:B' ('' = always online).",
+    )
+    diurnal: float = opt(
+        0.0,
+        "Amplitude in [0, 1] of a daily cycle on availability: at the low of its (per-client) "
+        "phase a client's availability is multiplied by 1 - diurnal.",
+    )
+    period: int = opt(24, "Rounds per simulated day of the diurnal cycle.")
+    profiles: str = opt(
+        "",
+        "CSV file of client profiles with a header: client,speed,availability[,phase]; its "
+        "rows replace the drawn values for the clients they name.",
+    )
+    step_seconds: float = opt(1.0, "Virtual seconds one local step takes at speed 1.")
+    deadline: float = opt(0.0, "Virtual seconds a round waits for its clients (0 = no deadline).")
+    straggler: Literal["drop", "partial"] = opt(
+        "drop",
+        "A client that cannot finish by the deadline: 'drop' it, or take the 'partial' work "
+        "(the steps it completed by then; aggregate with fednova to weigh it right).",
+    )
+
+    def __post_init__(self) -> None:
+        for key, value, kinds in (
+            ("system.speed", self.speed, ("const", "uniform", "lognormal")),
+            ("system.availability", self.availability, ("const", "uniform", "beta")),
+        ):
+            problem = distribution_problem(value, kinds)
+            check(problem is None, key, str(problem))
+        if self.speed and self.speed.split(":")[0] != "lognormal":
+            low = min(float(a) for a in self.speed.split(":")[1:])
+            check(low > 0, "system.speed", f"{self.speed!r}: speeds must be > 0")
+        if self.availability and self.availability.split(":")[0] != "beta":
+            vals = [float(a) for a in self.availability.split(":")[1:]]
+            check(min(vals) >= 0 and max(vals) <= 1, "system.availability",
+                  f"{self.availability!r}: probabilities must be in [0, 1]")  # fmt: skip
+        check(0 <= self.diurnal <= 1, "system.diurnal", "must be in [0, 1]")
+        check(self.period >= 1, "system.period", "must be >= 1")
+        check(self.step_seconds > 0, "system.step_seconds", "must be > 0")
+        check(self.deadline >= 0, "system.deadline", "must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.speed or self.availability or self.diurnal or self.profiles
+                    or self.deadline)  # fmt: skip
+
+
+def distribution_problem(spec: str, kinds: tuple[str, ...]) -> str | None:
+    """What is wrong with a 'KIND:ARG[:ARG]' distribution spec ('' is fine)."""
+    if not spec:
+        return None
+    kind, *args = spec.split(":")
+    want = {"const": 1, "uniform": 2, "lognormal": 2, "beta": 2}
+    if kind not in kinds:
+        return f"{spec!r}: expected one of {', '.join(k + ':...' for k in kinds)}"
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        return f"{spec!r}: the arguments must be numbers"
+    if len(values) != want[kind]:
+        return f"{spec!r}: {kind} takes {want[kind]} number(s)"
+    if kind == "uniform" and not values[0] <= values[1]:
+        return f"{spec!r}: LO must be <= HI"
+    if kind == "beta" and min(values) <= 0:
+        return f"{spec!r}: A and B must be > 0"
+    if kind == "lognormal" and values[1] < 0:
+        return f"{spec!r}: SIGMA must be >= 0"
+    return None
 
 
 @dataclass

@@ -131,8 +131,16 @@ class FederationConfig:
     clients_per_round: int | float = opt(
         2, "Clients sampled per round: an int count, or a float fraction in (0, 1]."
     )
-    strategy: str = opt("fedavg", "Aggregation strategy (registered name).")
-    selection: str = opt("uniform", "Client-selection rule (registered name).")
+    strategy: str = opt(
+        "fedavg",
+        "Aggregation strategy: fedavg, fedprox, fednova, fedavgm, fedadam, fedyogi, "
+        "fedadagrad, scaffold, qfedavg, or a registered name.",
+    )
+    selection: str = opt(
+        "uniform",
+        "Client-selection rule: uniform, size, all, poisson, power_of_choice, coverage, "
+        "resource (docs/heterogeneity.md), or a registered name.",
+    )
     workers: int = opt(
         1,
         "Processes training a round's clients in parallel, each with its own copy of the model "
@@ -168,6 +176,27 @@ class FederationConfig:
                 f"only {num_clients}"
             )
         return n
+
+
+@dataclass
+class SelectionConfig:
+    candidates: int = opt(
+        0,
+        "power_of_choice: candidates d drawn (by size) before the k highest-loss are kept; 0 = 2k.",
+    )
+    probe_examples: int = opt(
+        8, "power_of_choice: examples each candidate scores its current loss on."
+    )
+    decay: float = opt(
+        0.5,
+        "coverage: each round's category exposure is multiplied by this before the round's "
+        "clients add theirs (0 = only the last round counts).",
+    )
+
+    def __post_init__(self) -> None:
+        check(self.candidates >= 0, "selection.candidates", "must be >= 0")
+        check(self.probe_examples >= 1, "selection.probe_examples", "must be >= 1")
+        check(0 <= self.decay <= 1, "selection.decay", "must be in [0, 1]")
 
 
 @dataclass
@@ -207,9 +236,19 @@ class StrategyConfig:
     clip_norm: float = opt(
         0.0, "Clip each client's update (adapter - global) to this L2 norm; 0 = off."
     )
+    q: float = opt(
+        1.0, "qfedavg: fairness exponent q of q-FFL (0 = the unweighted mean of the clients)."
+    )
+    qffl_lr: float = opt(
+        1.0,
+        "qfedavg: the step size 1/L of Li et al. that turns a client's change into its "
+        "gradient estimate; large values give the loss^q-weighted mean of the changes.",
+    )
 
     def __post_init__(self) -> None:
         check(self.prox_mu >= 0, "strategy.prox_mu", "must be >= 0")
+        check(self.q >= 0, "strategy.q", "must be >= 0")
+        check(self.qffl_lr > 0, "strategy.qffl_lr", "must be > 0")
         check(self.server_lr > 0, "strategy.server_lr", "must be > 0")
         check(0 <= self.momentum < 1, "strategy.momentum", "must be in [0, 1)")
         check(self.adaptive_lr > 0, "strategy.adaptive_lr", "must be > 0")

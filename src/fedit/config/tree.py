@@ -15,6 +15,7 @@ from fedit.config.run import (
     FaultsConfig,
     FlowerConfig,
     PrivacyConfig,
+    SystemConfig,
 )
 from fedit.config.training import (
     ClientConfig,
@@ -23,6 +24,7 @@ from fedit.config.training import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
+    SelectionConfig,
     StrategyConfig,
 )
 
@@ -34,6 +36,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

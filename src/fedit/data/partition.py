@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ def partition_stats(clients: Sequence[Sequence[Record]], test: Sequence[Record])
         for h, cl in zip(hists, clients, strict=True)
         if cl
     ]
+    iid = iid_reference_tv([r.category for c in clients for r in c], [len(c) for c in clients])
     return {
         "num_clients": len(clients),
         "num_train": n,
@@ -204,8 +206,47 @@ def partition_stats(clients: Sequence[Sequence[Record]], test: Sequence[Record])
             "categories_per_client_mean": float(np.mean([len(h) for h in hists])),
             # 0 = every client looks like the pooled data; 1 = disjoint category supports.
             "category_tv_mean": float(np.mean(tv)) if tv else 0.0,
+            # The same statistic for random (IID) splits of the same records into the same
+            # sizes: what sampling alone gives (mean and std over 20 seeded splits).
+            "category_tv_iid_mean": iid[0],
+            "category_tv_iid_std": iid[1],
         },
     }
+
+
+def iid_reference_tv(
+    labels: Sequence[str], sizes: Sequence[int], draws: int = 20
+) -> tuple[float, float]:
+    """Mean category TV distance of clients to the pooled data for IID splits of `labels` into
+    clients of `sizes` (seeded): the value a split has by chance alone."""
+    if not labels:
+        return 0.0, 0.0
+    cats = sorted(set(labels))
+    codes = np.array([cats.index(x) for x in labels])
+    pooled = np.bincount(codes, minlength=len(cats)) / len(codes)
+    bounds = np.cumsum([0, *sizes])
+    rng = np.random.default_rng(20260)
+    means = []
+    for _ in range(draws):
+        perm = codes[rng.permutation(len(codes))]
+        tvs = [0.5 * float(np.abs(np.bincount(perm[a:b], minlength=len(cats)) / (b - a)
+                                  - pooled).sum())
+               for a, b in itertools.pairwise(bounds) if b > a]  # fmt: skip
+        means.append(float(np.mean(tvs)))
+    return float(np.mean(means)), float(np.std(means))
+
+
+def heterogeneity_statement(h: dict[str, Any]) -> str:
+    """How far the split is from IID, in words and numbers."""
+    tv, iid = h["category_tv_mean"], h.get("category_tv_iid_mean")
+    if iid is None:
+        return f"category TV distance to pooled {tv:.3f}"
+    std = h.get("category_tv_iid_std", 0.0)
+    ratio = tv / iid if iid else float("inf")
+    verdict = ("far from IID" if ratio >= 3 else "moderately non-IID" if ratio >= 1.5
+               else "close to IID")  # fmt: skip
+    return (f"category TV distance to pooled {tv:.3f}, against {iid:.3f} +- {std:.3f} for IID "
+            f"splits of the same sizes ({ratio:.1f}x): {verdict}")  # fmt: skip
 
 
 def _keep(clients: list[list[Record]], only: Sequence[int], pooled: bool) -> list[list[Record]]:
@@ -270,7 +311,7 @@ def format_stats(stats: dict[str, Any], max_rows: int = 100) -> str:
         f"{stats['num_clients']} clients, {stats['num_train']} train / {stats['num_test']} test; "
         f"size min/mean/max {h['size_min']}/{h['size_mean']:.1f}/{h['size_max']} "
         f"(cv {h['size_cv']:.2f}); categories per client {h['categories_per_client_mean']:.2f}; "
-        f"category TV distance to pooled {h['category_tv_mean']:.3f}"
+        + heterogeneity_statement(h)
     )
     return "\n".join(lines)
 
@@ -299,6 +340,9 @@ def write_partition(partition: Partition, out: Path, replace: bool = False) -> N
             write_jsonl(folder / "clients" / f"client_{i:04d}.jsonl", recs)
         write_jsonl(folder / "test.jsonl", partition.test)
         atomic_json(folder / "stats.json", partition.stats)
+        from fedit.data.heatmap import write_heatmap
+
+        write_heatmap(partition.stats, folder / "heatmap.png")
 
     atomic_dir(out, fill)
 

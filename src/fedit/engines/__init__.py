@@ -23,9 +23,10 @@ Launched = list[tuple[int, "Callable[[], Update]"]]
 
 
 class Engine(Protocol):
-    """Where the clients are: their record counts, and a way to hand them tasks."""
+    """Where the clients are: their record and category counts, and a way to hand them tasks."""
 
     sizes: list[int]
+    categories: list[dict[str, int]]  # per client: records per category ([] if unknown)
 
     def launch(self, tasks: Sequence[Task]) -> Launched: ...
 

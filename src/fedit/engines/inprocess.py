@@ -18,6 +18,7 @@ class InProcess:
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
         self.sizes = runtime.sizes()
+        self.categories = runtime.categories()
 
     def _run(self, task: Task, slot: str) -> Update:
         return Update.from_payload(self.runtime.handle(task.to_payload(), slot))

@@ -46,10 +46,13 @@ def _result(future: Future[Payload]) -> Update:
 class WorkerPool:
     """`workers` processes sharing the machine's cores evenly (at least one thread each)."""
 
-    def __init__(self, cfg: Config, sizes: list[int]) -> None:
+    def __init__(
+        self, cfg: Config, sizes: list[int], categories: list[dict[str, int]] | None = None
+    ) -> None:
         workers = cfg.federation.workers
         threads = max(1, (cfg.model.threads or torch.get_num_threads()) // workers)
         self.sizes = sizes
+        self.categories = categories or []
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),

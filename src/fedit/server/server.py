@@ -21,15 +21,20 @@ from fedit.errors import FeditError
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
-from fedit.protocol import Task, Update, secagg_threshold
+from fedit.protocol import ClientPlan, Task, Update, secagg_threshold
 from fedit.seeding import generator
 from fedit.server.privacy import ROUNDS_KEY, DPFedAvg
 from fedit.server.screening import inject, screen
-from fedit.server.selection import SELECTORS
+from fedit.server.selection import SELECTORS, Selection, category_shares
 from fedit.server.strategies import Strategy, build_strategy
+from fedit.server.system import Systems
 
 if TYPE_CHECKING:
     from fedit.engines import Engine, Launched
+
+
+EXPOSURE = "selection/exposure/"  # checkpoint keys of the server's own state
+CLOCK = "system/virtual_clock"
 
 
 class RoundError(FeditError):
@@ -46,10 +51,17 @@ class Server:
         initial: AdapterState,
         full_model_bytes: int,
         progress: Progress | None = None,
+        categories: list[dict[str, int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sizes = sizes  # selection weighs clients by their record counts
         self.num_clients = len(sizes)
+        self.categories = categories or []  # per client: records per category
+        self.exposure: dict[str, float] = {}  # decayed category shares of past rounds
+        self.systems = Systems(cfg, sizes)
+        self._outcomes: dict[int, dict[str, Any]] = {}
+        self._probed: dict[int, float] = {}
+        self._online = self.num_clients
         self.per_round = self.check(cfg, self.num_clients)
         self.global_state = initial
         self.full_model_bytes = full_model_bytes
@@ -90,28 +102,99 @@ class Server:
 
     # ---------------------------------------------------------------- one round
 
-    def select(self, rnd: int) -> list[int]:
+    def select(self, rnd: int, engine: Engine | None = None, run_id: str = "") -> list[int]:
+        """The round's clients, by the configured rule among the clients online."""
         # DP-FedAvg's accounting holds for Poisson sampling: each client on its own, rate k/N.
         name = "poisson" if self.dp is not None else self.cfg.federation.selection
-        rule = SELECTORS.get(name)
-        return rule(self.sizes, self.per_round, generator(self.cfg.seed, "select", rnd))
+        online = self.systems.online(rnd) if self.systems.enabled else list(range(self.num_clients))
+        self._online, self._probed = len(online), {}
+        if not online:
+            return []
+        probe = None
+        if engine is not None:
+            probe = lambda clients: self.probe(rnd, engine, clients, run_id)  # noqa: E731
+        sel = self.cfg.selection
+        ctx = Selection(
+            rnd, self.per_round, self.sizes, generator(self.cfg.seed, "select", rnd), online,
+            self.categories, dict(self.exposure), probe, self.systems.predicted,
+            self.cfg.system.deadline, sel.candidates,
+        )  # fmt: skip
+        return SELECTORS.get(name)(ctx)
+
+    def probe(self, rnd: int, engine: Engine, clients: list[int], run_id: str) -> dict[int, float]:
+        """Each candidate's loss under the global adapter on a few of its own examples (one
+        download each, no training); a candidate that fails gets -inf (it is not picked)."""
+        g, n = self.global_state, self.cfg.selection.probe_examples
+        tasks = [Task(rnd, c, g, ClientPlan(), run_id, probe=n) for c in clients]
+        for client, result in engine.launch(tasks):
+            try:
+                self._probed[client] = float(result().metrics["probe_loss"])
+            except FeditError:
+                raise
+            except Exception as e:
+                self.progress.log(f"round {rnd}: probing client {client} failed: {e}")
+                self._probed[client] = float("-inf")
+        return dict(self._probed)
 
     def tasks(self, rnd: int, chosen: list[int], run_id: str = "") -> list[Task]:
         g = self.global_state
-        return [Task(rnd, c, g, self.strategy.client_plan(c, g), run_id) for c in chosen]
+        out = []
+        for c in chosen:
+            plan = self.strategy.client_plan(c, g)
+            budget = self.systems.step_budget(c)
+            if budget is not None:  # the deadline, in the steps this client finishes by then
+                plan = replace(
+                    plan, max_steps=budget, partial=self.cfg.system.straggler == "partial"
+                )
+            out.append(Task(rnd, c, g, plan, run_id))
+        return out
+
+    def _straggler(self, client: int, planned: int) -> dict[str, Any]:
+        self._outcomes[client] = {"status": "dropped", "steps": 0, "planned_steps": planned}
+        took = self.systems.seconds(client, planned)
+        return {"client": client, "reason": f"straggler: {planned} steps take {took:.1f} "
+                f"virtual s, past system.deadline={self.cfg.system.deadline:g}"}  # fmt: skip
+
+    def _outcome(self, update: Update) -> dict[str, Any]:
+        planned = int(update.metrics.get("planned_steps", update.num_steps))
+        status = "partial" if update.num_steps < planned else "finished"
+        return {"status": status, "steps": update.num_steps, "planned_steps": planned}
+
+    def _note_round(self, chosen: list[int], accepted: list[int]) -> dict[str, Any]:
+        """Category exposure for coverage-aware selection, and the round's system record."""
+        decay = self.cfg.selection.decay
+        exposure = {c: v * decay for c, v in self.exposure.items()}
+        for client in accepted:
+            counts = self.categories[client] if self.categories else {}
+            for cat, w in category_shares(counts).items():
+                exposure[cat] = exposure.get(cat, 0.0) + w
+        self.exposure = exposure
+        extra: dict[str, Any] = {}
+        if self._probed:
+            extra["probe_losses"] = {str(c): v for c, v in sorted(self._probed.items())}
+        if self.systems.enabled:
+            extra["system"] = self.systems.round_record(chosen, self._online, self._outcomes)
+        return extra
 
     def collect(self, rnd: int, launched: Launched) -> tuple[list[Update], list[dict[str, Any]]]:
         """The chosen clients' updates, decoded; a client that fails is recorded, not fatal."""
         updates, faults = [], []
+        self._outcomes = {}
         for i, (client, result) in enumerate(launched, 1):
             kinds = self.cfg.faults.injected(client, rnd)
             try:
                 if "fail" in kinds:
                     raise RuntimeError("injected failure")
-                update = result().decoded(self.codec, self.global_state)
+                update = result()
+                if update.metrics.get("straggler"):
+                    faults.append(self._straggler(client, int(update.metrics["planned_steps"])))
+                    continue
+                self._outcomes[client] = self._outcome(update)
+                update = update.decoded(self.codec, self.global_state)
             except FeditError:
                 raise  # a configuration or data problem, the same for every client
             except Exception as e:
+                self._outcomes[client] = {"status": "failed", "steps": 0}
                 faults.append({"client": client, "reason": f"{type(e).__name__}: {e}"})
                 continue
             updates.append(inject(update, kinds, self.global_state) if kinds else update)
@@ -130,11 +213,21 @@ class Server:
         if self.cfg.privacy.secure_aggregation:
             return self._secure_round(rnd, engine, run_id)
         t0 = time.perf_counter()
-        chosen = self.select(rnd)
+        chosen = self.select(rnd, engine, run_id)
         updates, faults = self.collect(rnd, engine.launch(self.tasks(rnd, chosen, run_id)))
         need = self.cfg.federation.min_clients
         if self.dp is not None:  # a Poisson cohort may be small, or empty: noise alone is DP
             need = min(need, len(chosen))
+        if len(updates) < need and self.systems.enabled:
+            # Simulated systems: offline clients and stragglers are expected; the round passes
+            # with the global adapter unchanged and the run goes on.
+            row = {"round": rnd, "clients": chosen, "accepted": [], "faults": faults,
+                   "train_loss": None, "client_metrics": [],
+                   "loss_note": f"{len(updates)} updates in time, fewer than "
+                                f"federation.min_clients={need}: adapter unchanged",
+                   "time": {"train": time.perf_counter() - t0, "aggregate": 0.0}}  # fmt: skip
+            row.update(self._note_round(chosen, []))
+            return row
         if len(updates) < need:
             excluded = "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
             raise RoundError(
@@ -173,12 +266,13 @@ class Server:
         report = getattr(self.strategy, "round_metrics", None)
         if report is not None:
             row.update(report())
+        row.update(self._note_round(chosen, [u.client_id for u in updates]))
         return row
 
     def _secure_round(self, rnd: int, engine: Engine, run_id: str) -> dict[str, Any]:
         """A round under secure aggregation: the server learns the survivors' sum only."""
         t0 = time.perf_counter()
-        chosen = self.select(rnd)
+        chosen = self.select(rnd, engine, run_id)
         tasks = [replace(t, secure=True) for t in self.tasks(rnd, chosen, run_id)]
         share = 0.0
         if self.dp is not None:  # each client adds its share: the sum has >= sigma*C noise
@@ -235,6 +329,7 @@ class Server:
         if self.dp is not None:
             row["privacy"] = self.dp.report
             row["loss_note"] = "not released under DP with secure aggregation"
+        row.update(self._note_round(chosen, row["accepted"]))
         return row
 
     # ---------------------------------------------------------------- privacy
@@ -248,10 +343,18 @@ class Server:
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.strategy.state_dict()
+        out = dict(self.strategy.state_dict())
+        out.update({EXPOSURE + c: torch.tensor([v], dtype=torch.float64)
+                    for c, v in self.exposure.items()})  # fmt: skip
+        out[CLOCK] = torch.tensor([self.systems.clock], dtype=torch.float64)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor], rnd: int) -> None:
-        """The strategy state of round `rnd`'s checkpoint."""
+        """The strategy (and selection, virtual clock) state of round `rnd`'s checkpoint."""
+        state = dict(state)
+        self.exposure = {k[len(EXPOSURE):]: float(state.pop(k)[0])
+                         for k in list(state) if k.startswith(EXPOSURE)}  # fmt: skip
+        self.systems.clock = float(state.pop(CLOCK)[0]) if CLOCK in state else 0.0
         if self.dp is not None and ROUNDS_KEY not in state:  # written before DP kept it
             state = {**state, ROUNDS_KEY: torch.tensor([rnd])}
         self.strategy.load_state_dict(state)

@@ -173,6 +173,7 @@ class FlowerClients:
         for n, why in missing.items():
             self.progress.log(f"node {n} did not answer hello: {why}")
         sizes: dict[int, int] = {}
+        counts: dict[int, dict[str, int]] = {}
         for n, reply in replies.items():
             info: Any = reply.content["info"]
             client = int(info["client"])
@@ -182,6 +183,7 @@ class FlowerClients:
                 )
             self.node_of[client] = n
             sizes[client] = int(info["records"])
+            counts[client] = json.loads(str(info.get("categories", "{}")))
         absent = sorted(set(range(want)) - set(sizes))
         if absent:
             why = "; ".join(f"node {n}: {r}" for n, r in missing.items())
@@ -190,6 +192,7 @@ class FlowerClients:
                 f"connected clients: {sorted(sizes)}" + (f" ({why})" if why else "")
             )
         self.progress.log(f"clients on nodes: {dict(sorted(self.node_of.items()))}")
+        self.categories = [counts[c] for c in range(want)]
         return [sizes[c] for c in range(want)]
 
     def launch(self, tasks: Sequence[Task]) -> list[tuple[int, Callable[[], Update]]]:

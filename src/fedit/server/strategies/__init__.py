@@ -1,6 +1,6 @@
 """Aggregation strategies: pure tensor math over adapter states, cross-round state explicit."""
 
-from fedit.server.strategies import fedavg, scaffold, serveropt
+from fedit.server.strategies import fedavg, qfedavg, scaffold, serveropt
 from fedit.server.strategies.aggregate import (
     coordinate_median,
     fold_svd,
@@ -19,6 +19,7 @@ __all__ = [
     "coordinate_median",
     "fedavg",
     "fold_svd",
+    "qfedavg",
     "scaffold",
     "serveropt",
     "stack_factors",
