@@ -336,6 +336,15 @@ def _crash_hook(cfg: Config, rnd: int) -> Any:
     return crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None
 
 
+def _system_note(system: dict[str, Any] | None) -> str:
+    if not system:
+        return ""
+    status = [c["status"] for c in system["clients"]]
+    cut = ", ".join(f"{status.count(k)} {k}" for k in ("partial", "dropped") if k in status)
+    return (f"; {system['online']} online, virtual {system['virtual_s']:.1f}s (clock "
+            f"{system['virtual_clock_s']:.1f}s)" + (f", {cut}" if cut else ""))  # fmt: skip
+
+
 def _round_line(row: dict[str, Any], rounds: int) -> str:
     ev = row.get("eval")
     eps = row.get("privacy", {}).get("epsilon")
@@ -349,6 +358,7 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
         )
         + (f", held-out loss {ev['loss']:.4f}" if ev else "")
         + (f", epsilon {eps:.3f}" if eps is not None else "")
+        + _system_note(row.get("system"))
         + f" ({row['seconds']:.1f}s)"
     )
 
