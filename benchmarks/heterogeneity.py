@@ -79,12 +79,19 @@ def main() -> None:
     p.add_argument("--out", default="runs/heterogeneity")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--plot", default="docs/img/heterogeneity.png")
+    p.add_argument(
+        "--from-results", action="store_true", help="print the tables from OUT/results.json"
+    )
     args = p.parse_args()
     out = Path(args.out)
     got: dict[str, list[dict[str, Any]]] = {}
-    for arm in args.arms:
-        got[arm] = [_one(args.config, ARMS[arm][1], s, out / arm / f"seed-{s}") for s in args.seeds]
-    (out / "results.json").write_text(json.dumps(got, indent=1))
+    if args.from_results:
+        got = json.loads((out / "results.json").read_text())
+    else:
+        for arm in args.arms:
+            got[arm] = [_one(args.config, ARMS[arm][1], s, out / arm / f"seed-{s}")
+                        for s in args.seeds]  # fmt: skip
+        (out / "results.json").write_text(json.dumps(got, indent=1))
     print(f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); mean ± std\n")
     head = ("| arm | held-out loss | worst category | std over categories | worst client "
             "| categories trained on |")  # fmt: skip
@@ -110,10 +117,35 @@ def main() -> None:
                 row += " " + " | ".join(cells) + " |"
             print(row)
         print()
+    if "uniform" in got:
+        _paired(got)
     _plot(got, Path(args.plot))
 
 
+def _paired(got: dict[str, list[dict[str, Any]]]) -> None:
+    """Each arm minus uniform on the same seed (the seed also draws the split and the test
+    set, so differences within a seed are what the arm changed)."""
+    keys = [("loss", "held-out loss"), ("worst_category", "worst category"),
+            ("worst_client", "worst client")]  # fmt: skip
+    print("### against uniform, paired by seed (arm - uniform)\n")
+    print("| arm | " + " | ".join(f"{name}: mean ± std (per seed)" for _, name in keys) + " |")
+    print("|---" * (1 + len(keys)) + "|")
+    base = got["uniform"]
+    for arm, runs in got.items():
+        if arm == "uniform":
+            continue
+        cells = []
+        for k, _ in keys:
+            d = [x[k] - b[k] for x, b in zip(runs, base, strict=True)]
+            per = ", ".join(f"{v:+.4f}" for v in d)
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            cells.append(f"{statistics.fmean(d):+.4f} ± {sd:.4f} ({per})")
+        print(f"| {ARMS[arm][0]} | " + " | ".join(cells) + " |")
+    print()
+
+
 def _plot(got: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Each arm minus uniform on the same seed: bars the mean, dots the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,22 +153,28 @@ def _plot(got: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     from fedit.files import atomic_file
 
-    arms = list(got)
+    if "uniform" not in got:
+        return
+    arms = [a for a in got if a != "uniform"]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(arms)), 4))
-    xs = range(len(arms))
     for off, key, label in (
         (-0.2, "loss", "held-out loss"),
         (0.2, "worst_category", "worst category"),
     ):
-        vals = [[x[key] for x in got[a]] for a in arms]
-        means = [statistics.fmean(v) for v in vals]
-        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-        ax.bar([x + off for x in xs], means, 0.4, yerr=sds, capsize=3, label=label)
-    ax.set_xticks(list(xs))
+        diffs = [
+            [x[key] - b[key] for x, b in zip(got[a], got["uniform"], strict=True)] for a in arms
+        ]
+        ax.bar([i + off for i in range(len(arms))], [statistics.fmean(d) for d in diffs], 0.4,
+               label=label, alpha=0.8)  # fmt: skip
+        for i, d in enumerate(diffs):
+            ax.plot([i + off] * len(d), d, "k.", ms=4)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(arms)))
     ax.set_xticklabels([ARMS[a][0] for a in arms], rotation=25, ha="right", fontsize=8)
-    lows = [x[k] for a in arms for x in got[a] for k in ("loss", "worst_category")]
-    ax.set_ylim(min(lows) * 0.95, max(lows) * 1.03)
-    ax.set_ylabel("loss (mean ± std over seeds)")
+    ax.set_ylabel("loss minus uniform's, same seed")
+    ax.set_title(
+        f"against uniform selection ({len(got['uniform'])} seeds; dots: each seed)", fontsize=9
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
