@@ -1,10 +1,11 @@
 """Run one config under every strategy variant and print held-out loss and bytes per round.
 
     python benchmarks/compare_strategies.py configs/strategies.toml [--out runs/strategies]
-        [--only fedavg,ffa] [--set KEY=VALUE ...]
+        [--only fedavg,ffa] [--seeds 1 2 3] [--set KEY=VALUE ...]
 
 Each variant is the config plus a few `--set` overrides; results go to OUT/results.json and a
-Markdown table on stdout. Finished variants are reused from OUT/results.json.
+Markdown table on stdout. Finished variants are reused from OUT/results.json. With several
+`--seeds` each variant runs once per seed and the table shows mean ± std over them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -45,18 +47,22 @@ def main() -> None:
     ap.add_argument("--out", default="runs/strategies")
     ap.add_argument("--only", default="", help="comma-separated variant name prefixes")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[], help="default: the config's seed")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     wanted = [p for p in args.only.split(",") if p]
-    for name, overrides in VARIANTS.items():
-        if wanted and not any(name.startswith(p) for p in wanted):
-            continue
+    seeds = args.seeds or [None]
+    runs = [(name, o, s) for name, o in VARIANTS.items() for s in seeds
+            if not wanted or any(name.startswith(p) for p in wanted)]  # fmt: skip
+    for variant, overrides, seed in runs:
+        name = variant if seed is None else f"{variant} @ seed {seed}"
         if name in results:
             continue
-        cfg = load_config(args.config, [*args.overrides, *overrides])
+        seed_set = [] if seed is None else [f"seed={seed}"]
+        cfg = load_config(args.config, [*args.overrides, *overrides, *seed_set])
         t0 = time.perf_counter()
         result = run_federation(cfg)
         rounds = [h for h in result.history if h["round"] > 0]
@@ -78,10 +84,19 @@ def main() -> None:
         "| bytes up / client / round | bytes down |"
     )
     print("|---|---|---|---|---|")
-    for name, r in results.items():
+    for variant in dict.fromkeys(v for v, _, _ in runs):
+        rs = [results[variant if s is None else f"{variant} @ seed {s}"] for s in seeds]
+
+        def ms(key: str, rs: list = rs) -> str:
+            xs = [r[key] for r in rs]
+            sd = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
+            return f"{statistics.fmean(xs):.4f}{sd}"
+
+        label = variant + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
+        r = rs[0]
         print(
-            f"| {name} | {r['loss_round0']:.4f} → {r['loss_final']:.4f} | "
-            f"{r['category_loss_max']:.4f} | {r['bytes_up_per_client']:,.0f} | "
+            f"| {label} | {ms('loss_round0')} → {ms('loss_final')} | "
+            f"{ms('category_loss_max')} | {r['bytes_up_per_client']:,.0f} | "
             f"{r['bytes_down_per_client']:,.0f} |"
         )
 
