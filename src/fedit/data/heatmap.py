@@ -34,7 +34,7 @@ def write_heatmap(stats: dict[str, Any], path: Path) -> Path:
         for i in range(len(rows)):
             for j in range(len(cats)):
                 if counts[i, j]:
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6,
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=6,
                             color="white" if shares[i, j] < 0.6 else "black")  # fmt: skip
     h = stats["heterogeneity"]
     title = f"share of each client's records per category\nTV to pooled {h['category_tv_mean']:.2f}"

@@ -221,13 +221,14 @@ class Server:
         if len(updates) < need and self.systems.enabled:
             # Simulated systems: offline clients and stragglers are expected; the round passes
             # with the global adapter unchanged and the run goes on.
-            row = {"round": rnd, "clients": chosen, "accepted": [], "faults": faults,
-                   "train_loss": None, "client_metrics": [],
-                   "loss_note": f"{len(updates)} updates in time, fewer than "
-                                f"federation.min_clients={need}: adapter unchanged",
-                   "time": {"train": time.perf_counter() - t0, "aggregate": 0.0}}  # fmt: skip
-            row.update(self._note_round(chosen, []))
-            return row
+            skipped: dict[str, Any] = {
+                "round": rnd, "clients": chosen, "accepted": [], "faults": faults,
+                "train_loss": None, "client_metrics": [],
+                "loss_note": f"{len(updates)} updates in time, fewer than "
+                             f"federation.min_clients={need}: adapter unchanged",
+                "time": {"train": time.perf_counter() - t0, "aggregate": 0.0}}  # fmt: skip
+            skipped.update(self._note_round(chosen, []))
+            return skipped
         if len(updates) < need:
             excluded = "; ".join(f"client {f['client']}: {f['reason']}" for f in faults)
             raise RoundError(

@@ -78,8 +78,9 @@ def read_profiles(path: Path) -> dict[int, dict[str, float]]:
 def planned_steps(size: int, cfg: Config) -> int:
     """Local steps a client of `size` records is expected to run (the server's estimate)."""
     c = cfg.client
-    steps = c.local_epochs * math.ceil(size / c.batch_size)
-    return min(steps, c.max_steps) if c.max_steps else steps
+    if c.max_steps:
+        return c.max_steps
+    return max(1, math.ceil(c.local_epochs * math.ceil(size / c.batch_size)))
 
 
 class Systems:
