@@ -2,6 +2,7 @@
 wire for each update compressor, and against epsilon for a few DP noise levels.
 
     python benchmarks/privacy_comm.py configs/privacy_comm.toml --out runs/privacy-comm
+        [--seeds 1 2 3]
 
 Every variant is an ordinary run folder under --out (resumable; a finished one is reused).
 """
@@ -58,9 +59,32 @@ def main() -> None:
     p.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.03, 0.1, 1.0])
     p.add_argument("--clip", type=float, default=1.0, help="privacy.clip_norm")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[],
+        help="run the tables once per seed (OUT/seed-N) and add mean ± std of the losses",
+    )  # fmt: skip
     args = p.parse_args()
-    out = Path(args.out)
-    base = _run(args.config, [*args.overrides, "compression.method='none'"], out / "none")
+    if not args.seeds:
+        tables(args, Path(args.out), args.overrides)
+        return
+    losses: dict[str, list[float]] = {}
+    for seed in args.seeds:
+        print(f"\n## seed {seed}\n")
+        got = tables(args, Path(args.out) / f"seed-{seed}", [*args.overrides, f"seed={seed}"])
+        for name, loss in got.items():
+            losses.setdefault(name, []).append(loss)
+    print(f"\n## over {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))})\n")
+    print("| run | held-out loss: mean ± std (min–max) |\n|---|---|")
+    for name, xs in losses.items():
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        print(f"| {name} | {statistics.fmean(xs):.4f} ± {sd:.4f} ({min(xs):.4f}–{max(xs):.4f}) |")
+
+
+def tables(args: argparse.Namespace, out: Path, overrides: list[str]) -> dict[str, float]:
+    """The tables for one seed; returns each run's held-out loss by name."""
+    losses: dict[str, float] = {}
+    base = _run(args.config, [*overrides, "compression.method='none'"], out / "none")
+    losses["fp32 (none)" if args.table != "privacy" else "no DP"] = base["loss"]
     if args.table in ("compression", "both"):
         print(
             "| upload | bytes up per client per round | vs fp32 adapter | vs full model "
@@ -69,7 +93,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for name, sets in COMPRESSORS:
             tag = sets[0].split("=")[1].strip("'")
-            r = base if tag == "none" else _run(args.config, [*args.overrides, *sets], out / tag)
+            r = base if tag == "none" else _run(args.config, [*overrides, *sets], out / tag)
+            losses[name] = r["loss"]
             print(
                 f"| {name} | {r['up']:,.0f} | {r['fp32'] / r['up']:.2f}x fewer "
                 f"| {100 * (1 - r['up'] / r['full']):.2f}% saved | {r['loss']:.4f} "
@@ -82,7 +107,7 @@ def main() -> None:
     if args.table in ("privacy", "both"):
         print(
             "| noise multiplier | clip norm "
-            f"| epsilon (delta {load_config(args.config, args.overrides).privacy.delta:g}) "
+            f"| epsilon (delta {load_config(args.config, overrides).privacy.delta:g}) "
             "| clients per round (Poisson) | updates clipped "
             "| noise norm on the mean | held-out loss | vs no DP |"
         )
@@ -91,7 +116,8 @@ def main() -> None:
               f"| {base['loss']:.4f} | – |")  # fmt: skip
         for sigma in args.noise:
             sets = [f"privacy.clip_norm={args.clip}", f"privacy.noise_multiplier={sigma}"]
-            r = _run(args.config, [*args.overrides, *sets], out / f"dp-{sigma:g}-clip{args.clip:g}")
+            r = _run(args.config, [*overrides, *sets], out / f"dp-{sigma:g}-clip{args.clip:g}")
+            losses[f"DP sigma {sigma:g}, clip {args.clip:g}"] = r["loss"]
             clipped = sum(n > args.clip for n in r["norms"]) / max(len(r["norms"]), 1)
             norm = statistics.median(r["norms"]) if r["norms"] else float("nan")
             print(
@@ -101,6 +127,8 @@ def main() -> None:
                 f"| {r['privacy']['noise_std_of_mean'] * r['noised'] ** 0.5:.3g} | {r['loss']:.4f} "
                 f"| {100 * (r['loss'] / base['loss'] - 1):+.2f}% |"
             )
+
+    return losses
 
 
 if __name__ == "__main__":
