@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 from fedit.config import load_config
+from fedit.evaluate.seeds import mean_std
 from fedit.recipe import run_federation
 
 VARIANTS: dict[str, list[str]] = {
@@ -88,9 +88,7 @@ def main() -> None:
         rs = [results[variant if s is None else f"{variant} @ seed {s}"] for s in seeds]
 
         def ms(key: str, rs: list = rs) -> str:
-            xs = [r[key] for r in rs]
-            sd = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
-            return f"{statistics.fmean(xs):.4f}{sd}"
+            return mean_std([r[key] for r in rs])
 
         label = variant + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
         r = rs[0]

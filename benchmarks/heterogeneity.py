@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.config import load_config
+from fedit.evaluate.seeds import mean_std
 from fedit.progress import Progress
 from fedit.recipe import run_federation
 
@@ -66,10 +67,7 @@ def _one(config: str, sets: list[str], seed: int, out: Path) -> dict[str, Any]:
 
 
 def _ms(values: list[float], digits: int = 4) -> str:
-    if not values or any(v is None for v in values):
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
+    return mean_std(values, digits)
 
 
 def main() -> None:
@@ -138,8 +136,7 @@ def _paired(got: dict[str, list[dict[str, Any]]]) -> None:
         for k, _ in keys:
             d = [x[k] - b[k] for x, b in zip(runs, base, strict=True)]
             per = ", ".join(f"{v:+.4f}" for v in d)
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            cells.append(f"{statistics.fmean(d):+.4f} ± {sd:.4f} ({per})")
+            cells.append(f"{mean_std(d, sign=True)} ({per})")
         print(f"| {ARMS[arm][0]} | " + " | ".join(cells) + " |")
     print()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.config import load_config
+from fedit.evaluate.seeds import mean_std
 from fedit.progress import Progress
 from fedit.recipe import run_federation
 
@@ -76,8 +77,7 @@ def main() -> None:
     print(f"\n## over {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))})\n")
     print("| run | held-out loss: mean ± std (min–max) |\n|---|---|")
     for name, xs in losses.items():
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        print(f"| {name} | {statistics.fmean(xs):.4f} ± {sd:.4f} ({min(xs):.4f}–{max(xs):.4f}) |")
+        print(f"| {name} | {mean_std(xs, span=True)} |")
 
 
 def tables(args: argparse.Namespace, out: Path, overrides: list[str]) -> dict[str, float]:

@@ -10,10 +10,10 @@ scale stays the same. Prints a Markdown table; with several --seeds, mean ± std
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from fedit.config import load_config
+from fedit.evaluate.seeds import mean_std
 from fedit.progress import Progress
 from fedit.recipe import run_federation
 
@@ -42,7 +42,7 @@ def main() -> None:
             per_seed.append((first["loss"], last["loss"], last["category_loss_max"]))
         up = result.history[-1]["bytes_up_per_client"]
         params = sum(v.numel() for v in result.adapter.values())
-        rows.append((r, params, up, *(_ms([x[i] for x in per_seed]) for i in range(3))))
+        rows.append((r, params, up, *(mean_std([x[i] for x in per_seed]) for i in range(3))))
     print(
         "| rank | adapter params | bytes up per client per round | held-out loss before "
         "| after | worst category after |"
@@ -50,11 +50,6 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r, params, up, before, after, worst in rows:
         print(f"| {r} | {params:,} | {up:,.0f} | {before} | {after} | {worst} |")
-
-
-def _ms(xs: list[float]) -> str:
-    sd = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
-    return f"{statistics.fmean(xs):.4f}{sd}"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from fedit.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from fedit.client.runtime import ClientRuntime, category_counts, check_client_data
+from fedit.client.runtime import ClientRuntime, check_client_data
 from fedit.config import Config, ConfigError, config_diff, config_from_dict, to_toml
 from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_partition
 from fedit.data.prompts import TEMPLATES
@@ -133,7 +133,7 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
         check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
         engine = local_engine(cfg, lm, partition, progress)
     server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress,
-                    getattr(engine, "categories", None))  # fmt: skip
+                    engine.categories)  # fmt: skip
     return Setup(cfg, partition, lm, held, engine, server)
 
 
@@ -142,7 +142,7 @@ def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Pro
     if cfg.federation.workers > 1:
         from fedit.engines.pool import WorkerPool
 
-        counts = [category_counts(c) for c in partition.clients]
+        counts = [c["categories"] for c in partition.stats["clients"]]
         return WorkerPool(cfg, [len(c) for c in partition.clients], counts)
     from fedit.engines.inprocess import InProcess
 

@@ -36,6 +36,19 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def mean_std(values: list[float], digits: int = 4, sign: bool = False, span: bool = False) -> str:
+    """'mean ± std' over seeds ('–' when one is missing; one value alone as it is), with
+    `span` also '(min–max)'; `sign` writes a leading + (differences)."""
+    if not values or any(v is None for v in values):
+        return "–"
+    f = f"{'+' if sign else ''}.{digits}f"
+    if len(values) == 1:
+        return format(values[0], f)
+    s = spread(values)
+    text = f"{format(s['mean'], f)} ± {s['std']:.{digits}f}"
+    return text + (f" ({s['min']:.{digits}f}–{s['max']:.{digits}f})" if span else "")
+
+
 def summarize(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """arm -> figure -> mean/std/min/max/n over the seeds that have it."""
     arms: dict[str, dict[str, Any]] = {}
@@ -46,7 +59,9 @@ def summarize(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                     arms.setdefault(arm, {}).setdefault(key, []).append(float(figs[key]))
     return {
         "seeds": sorted(by_seed),
-        "arms": {a: {k: spread(v) for k, v in figs.items()} for a, figs in arms.items()},
+        "arms": {
+            a: {k: {**spread(v), "values": v} for k, v in figs.items()} for a, figs in arms.items()
+        },
     }
 
 
@@ -59,11 +74,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|" + "---|" * len(FIGURES),
     ]
     for arm, figs in summary["arms"].items():
-        cells = []
-        for key, _ in FIGURES:
-            s = figs.get(key)
-            cell = f"{s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})" if s else "–"
-            cells.append(cell)
+        cells = [mean_std(figs[key]["values"], span=True) if key in figs else "–"
+                 for key, _ in FIGURES]  # fmt: skip
         lines.append(f"| {ARM_NAMES.get(arm, arm)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

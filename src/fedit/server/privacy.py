@@ -99,33 +99,36 @@ class DPFedAvg:
             norms.append(norm)
             for k, v in clipped.items():
                 total[k] += v
-        self.rounds += 1
         std = p.noise_multiplier * p.clip_norm
         if std:
             # Noise on what clients can change: FFA-LoRA's clients train no A, so A gets none.
             train_a = self.inner.client_plan(0, g).train_lora_A  # known also in an empty round
             noisy = [k for k in g if train_a or ".lora_A." not in k]
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", self.rounds))
+            rnd = self.rounds + 1
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", rnd))
             for k, v in gaussian_noise({k: g[k] for k in noisy}, std, gen).items():
                 total[k] += v.double()
         m = self.per_round  # fixed denominator: one client changes the mean by <= clip/m
-        self.report = {
+        self._release({
             "clip_norm": p.clip_norm,
             "update_norms": norms,
             "clipped": sum(n > p.clip_norm for n in norms),
             "noise_std_of_mean": std / m,
-        }
+        })  # fmt: skip
+        return {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
+
+    def _release(self, report: dict[str, Any]) -> None:
+        """One round counted and accounted, whatever it released; its report."""
+        self.rounds += 1
         if self.accountant is not None:
             self.accountant.step()
-            self.report.update(epsilon=self.accountant.epsilon(), delta=p.delta)
-        return {k: (g[k].double() + total[k] / m).to(g[k].dtype) for k in g}
+            report.update(epsilon=self.accountant.epsilon(), delta=self.p.delta)
+        self.report = report
 
     def skip_round(self) -> None:
         """A round that releases nothing (no secure sum could be formed) still counts, for the
         accountant too: conservative."""
-        self.rounds += 1
-        if self.accountant is not None:
-            self.accountant.step()
+        self._release({"clip_norm": self.p.clip_norm, "clients": 0})
 
     def aggregate_noised_sum(
         self, global_state: AdapterState, total: AdapterState, clients: int, noise_std: float
@@ -133,16 +136,12 @@ class DPFedAvg:
         """Secure aggregation: the clients clipped their deltas and added the noise in shares
         (`noise_std` each); the server only divides the sum it unmasked by the fixed m."""
         g, m = global_state, self.per_round
-        self.rounds += 1
-        self.report = {
+        self._release({
             "clip_norm": self.p.clip_norm,
             "clients": clients,
             "noise_std_of_mean": noise_std * clients**0.5 / m,
             "noise_added_by": "clients (secure aggregation)",
-        }
-        if self.accountant is not None:
-            self.accountant.step()
-            self.report.update(epsilon=self.accountant.epsilon(), delta=self.p.delta)
+        })  # fmt: skip
         return {
             k: (g[k].double() + total[k].double() / m).to(g[k].dtype) if k in total else g[k]
             for k in g

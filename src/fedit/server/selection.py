@@ -43,7 +43,9 @@ Selector = Callable[[Selection], list[int]]
 SELECTORS: Registry[Selector] = Registry("client selection rule")
 
 
-def _pick(pool: Sequence[int], k: int, rng: np.random.Generator, p: np.ndarray | None = None):
+def _pick(
+    pool: Sequence[int], k: int, rng: np.random.Generator, p: np.ndarray | None = None
+) -> list[int]:
     pool = list(pool)
     if k >= len(pool):
         return sorted(pool)
@@ -140,8 +142,3 @@ def resource_aware(s: Selection) -> list[int]:
         return _pick(fits, s.k, s.rng)
     rest = sorted((c for c in s.available if c not in fits), key=lambda c: (times[c], c))
     return sorted(fits + rest[: s.k - len(fits)])
-
-
-# Rules whose picks depend on nothing but the seed and the round (the accountant can bound
-# their inclusion probabilities); the others look at sizes, losses, data or profiles.
-DATA_FREE = ("uniform", "poisson")

@@ -289,6 +289,7 @@ class Server:
                 note = "fewer than 2 clients sampled: no secure sum this round"
                 row.update(accepted=[], train_loss=None, client_metrics=[], note=note)
                 row["time"] = {"train": time.perf_counter() - t0, "aggregate": 0.0}
+                row.update(self._note_round(chosen, []))
                 return row
             raise RoundError(
                 f"round {rnd}: secure aggregation did not complete with clients {chosen} "

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedit.engines.flower import node, secagg
 from fedit.protocol import Payload, Task, Update
+from fedit.seeding import derive_seed
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +243,7 @@ class FlowerClients:
             self.node_of[t.client]: secagg.fitins_of(
                 t.to_payload(),
                 weight,
-                (seed * 100_003 + t.round) * 100_003 + t.client,
+                derive_seed(seed, "secagg-rounding", t.round, t.client),
                 shim,
                 leave="leave" in self.cfg.faults.injected(t.client, t.round),
             )

@@ -106,7 +106,6 @@ class SecureSum:
     mean: dict[str, np.ndarray]  # weighted mean of the survivors' deltas
     weight: float  # their total weight (examples, or clients under DP)
     clients: list[dict[str, Any]] = field(default_factory=list)  # each survivor's metrics
-    failures: int = 0
 
 
 def _legacy_strategy(instructions: list[tuple[Any, FitIns]]) -> Any:
@@ -117,7 +116,6 @@ def _legacy_strategy(instructions: list[tuple[Any, FitIns]]) -> Any:
 
         def __init__(self) -> None:
             self.results: list[tuple[Any, FitRes]] | None = None
-            self.failures = 0
 
         def initialize_parameters(self, client_manager: Any) -> Parameters | None:
             return None
@@ -126,7 +124,7 @@ def _legacy_strategy(instructions: list[tuple[Any, FitIns]]) -> Any:
             return instructions
 
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
-            self.results, self.failures = list(results), len(failures)
+            self.results = list(results)
             return None, {}
 
         def configure_evaluate(self, *args: Any) -> list[Any]:
@@ -178,7 +176,7 @@ def secure_round(
     mean = parameters_to_ndarrays(collect.results[0][1].parameters)
     clients = [dict(res.metrics) for _, res in collect.results]
     total = float(sum(res.num_examples for _, res in collect.results))
-    return SecureSum(dict(zip(keys, mean, strict=True)), total, clients, collect.failures)
+    return SecureSum(dict(zip(keys, mean, strict=True)), total, clients)
 
 
 def fitins_of(
