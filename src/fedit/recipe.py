@@ -47,6 +47,7 @@ from fedit.registry import Registry
 from fedit.server.selection import SELECTORS
 from fedit.server.server import Server
 from fedit.server.strategies import STRATEGIES, build_strategy
+from fedit.server.system import Systems
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
@@ -119,6 +120,7 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     partition = _partition(cfg, progress, remote=engine is not None)
     if partition.clients:  # what the partition alone decides fails before the model loads
         Server.check(cfg, len(partition.clients))
+        Systems(cfg, [len(c) for c in partition.clients])  # a bad profiles file, too
     lm = load_lora_model(cfg)
     held = heldout_set(partition.test, lm.tokenizer, cfg)
     if held.dropped:
