@@ -198,7 +198,7 @@ def tiny_run(tmp_path: Path) -> Path:
 def served(tiny_run: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     exe = Path(sys.executable).with_name("fedit")
     proc = subprocess.Popen(
-        [str(exe), "serve", str(tiny_run), "--port", "0", "--max-new-tokens", "12"],
+        [str(exe), "serve", str(tiny_run), "--port", "0", "--max-new-tokens", "12", "--model-id", "fedit"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -214,3 +214,124 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+@dataclass
+class Answer:
+    """One streamed answer: what `stream_answer` returns once it is done."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class _Watch:
+    """Streamer and stopping criterion in one: decodes the new tokens as they come, cuts at
+    the first stop string, and hands out only text that cannot turn into one."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stops: Sequence[str],
+        on_text: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> None:
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.on_text, self.cancelled = on_text, cancelled
+        self.ids: list[int] = []
+        self.text, self.sent, self.prompt_seen = "", 0, False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt itself
+            self.prompt_seen = True
+            return
+        if self.stopped:
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = text[:cut], True
+            return
+        self.text = text
+        hold = max((n for s in self.stops for n in range(len(s), 0, -1) if text.endswith(s[:n])),
+                   default=0)  # fmt: skip
+        safe = len(text) - hold
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # half a UTF-8 character
+            safe -= 1
+        self._emit(safe)
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.sent and self.on_text:
+            self.on_text(self.text[self.sent : upto])
+        self.sent = max(self.sent, upto)
+
+    def end(self) -> None:
+        self.text = self.text.rstrip()
+        self._emit(len(self.text))
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = self.stopped or bool(self.cancelled and self.cancelled())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.inference_mode()
+def stream_answer(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stops: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Answer:
+    """One answer to one tokenized prompt, text handed to `on_text` as it is generated.
+
+    Ends at EOS, at the first of `stops` (which is not part of the answer), after
+    `max_new_tokens`, or when `cancelled()` turns true. Greedy at temperature 0; otherwise
+    sampled from the global RNG seeded with `seed` inside a fork (the caller runs one
+    generation at a time). The text equals `generate`'s for the same prompt up to the cut.
+    """
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    dtype = getattr(model, "fedit_autocast", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    watch = _Watch(tokenizer, stops, on_text, cancelled)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": pad,
+        "eos_token_id": tokenizer.eos_token_id,
+        "streamer": watch,
+        "stopping_criteria": StoppingCriteriaList([watch]),
+    }
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    ctx = (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if temperature > 0:
+                torch.manual_seed(seed)
+            model.generate(**kwargs)
+    finally:
+        model.train(was_training)
+    new = watch.ids
+    eos = tokenizer.eos_token_id in new
+    if eos:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    finish = "stop" if eos or watch.stopped else "length"
+    return Answer(watch.text, len(prompt_ids), len(new), finish)

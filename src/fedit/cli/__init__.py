@@ -95,12 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, help="default: generate.max_new_tokens")
     chat.add_argument("--temperature", type=float, default=0.0)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
-    _source_args(srv)
+    srv = sub.add_parser(
+        "serve", help="OpenAI-compatible API and web page over one or more adapters"
+    )
+    srv.add_argument(
+        "sources", nargs="+", metavar="SOURCE",
+        help="a run folder, a `fedit compare` folder (one model per arm), or NAME=PATH; "
+        "the base model is also served as 'base'",
+    )  # fmt: skip
+    srv.add_argument("--adapter", help="adapter folder for a single SOURCE (default its adapter/)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")
-    srv.add_argument("--model-id", default="fedit", help="model name clients send (default fedit)")
+    srv.add_argument("--model-id", help="model name of a single SOURCE (default: its folder name)")
     srv.add_argument("--max-new-tokens", type=int, help="default: generate.max_new_tokens")
+    srv.add_argument(
+        "--cors-origin", action="append", default=[], metavar="ORIGIN",
+        help="origin allowed to call the API from a browser (repeatable; default any)",
+    )  # fmt: skip
 
     fed = sub.add_parser(
         "federate", help="run the config over real Flower processes on this machine (loopback)"

@@ -158,24 +158,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedit.serve import make_server
+    from fedit.serve import Models, bind, expand_sources, run_server
 
-    loaded = load_source(args)
-    httpd, _ = make_server(
-        loaded,
-        args.host,
-        args.port,
-        args.model_id,
-        args.max_new_tokens or loaded.cfg.generate.max_new_tokens,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
-    # The readiness line: scripts wait for it (and read the port when --port 0).
-    print(f"serving {loaded.label} as {args.model_id!r} on http://{host}:{port}/v1", flush=True)
+    sources = expand_sources(args.sources, args.adapter)
+    if args.model_id:
+        if len(sources) != 1:
+            raise ConfigError("--model-id: only with one source; name several with NAME=PATH")
+        sources[0].name = args.model_id
+    sock = bind(args.host, args.port)  # a taken port fails before the model loads
+    models = Models(sources, args.max_new_tokens)
+
+    def ready(url: str) -> None:
+        # The readiness line: scripts wait for it (and read the port when --port 0).
+        names = ", ".join(models.names)
+        print(f"serving {names} on {url}/v1 (web page: {url}/)", flush=True)
+
     try:
-        httpd.serve_forever()
+        run_server(models, sock, args.cors_origin or None, ready=ready)
     except KeyboardInterrupt:
         pass
     finally:
-        httpd.server_close()
+        sock.close()
     return 0

@@ -53,6 +53,19 @@ def chat(record: Record, tokenizer: Any) -> tuple[str, str]:
     return str(prompt), record.response
 
 
+# Where an answer in each template ends when the model runs on into a next turn: a client
+# asks for these as stop strings by default (the chat template ends at the tokenizer's EOS).
+TEMPLATE_STOPS: dict[str, list[str]] = {
+    "alpaca": ["\n### Instruction:", "\n### Input:", "\n### Response:", "\n\n### "],
+    "chat": ["<|im_start|>", "<|im_end|>"],
+}
+
+
+def template_stops(template: str) -> list[str]:
+    """The turn markers of `template` (none for a template registered without them)."""
+    return list(TEMPLATE_STOPS.get(template, []))
+
+
 @dataclass
 class Example:
     """A tokenized example; labels are IGNORE_INDEX on masked positions."""
