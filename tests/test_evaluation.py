@@ -204,7 +204,7 @@ def served(tiny_run: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         assert "serving" in line, proc.stderr.read() if proc.stderr else ""
-        yield line.rsplit(" on ", 1)[1].strip(), proc
+        yield line.split(" on ", 1)[1].split(" ", 1)[0], proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -227,7 +227,7 @@ def test_serve_openai_api_and_judge_against_it(
     base, proc = served
     with urllib.request.urlopen(f"{base}/models", timeout=30) as r:
         models = json.loads(r.read())
-    assert models["data"][0]["id"] == "fedit"
+    assert [m["id"] for m in models["data"]] == ["base", "fedit"]
     msg = {"model": "fedit", "messages": [{"role": "user", "content": "Name a river."}]}
     status, reply = _post(f"{base}/chat/completions", msg)
     assert status == 200 and reply["object"] == "chat.completion"
