@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,12 +109,21 @@ def trainable_names(model: Any) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_adapter(model: Any, state: AdapterState, out: Path) -> None:
+def save_adapter(
+    model: Any, state: AdapterState, out: Path, extra: Callable[[Path], None] | None = None
+) -> None:
     """A standard PEFT adapter folder (PeftModel.from_pretrained loads it), written atomically.
 
-    The new folder is complete before it takes the name; an old one is moved aside first.
+    `extra(folder)` adds files (the model card) before the folder takes its name; an old one
+    is moved aside first.
     """
-    atomic_dir(out, lambda folder: write_adapter_files(model, state, folder))
+
+    def fill(folder: Path) -> None:
+        write_adapter_files(model, state, folder)
+        if extra is not None:
+            extra(folder)
+
+    atomic_dir(out, fill)
 
 
 def write_adapter_files(model: Any, state: AdapterState, folder: Path) -> None:

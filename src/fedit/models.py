@@ -240,6 +240,23 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     return tok, model
 
 
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of `cfg`'s model alone (as `load_model` sets it up), without weights."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(cfg)
+    if kind == "tiny":
+        tok = tiny_tokenizer()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.name {cfg.name!r}: no tokenizer at {where}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def pick_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit import __version__
+from fedit.card import run_facts, write_card
 from fedit.checkpoint import (
     Checkpoint,
     interrupts_deferred,
@@ -134,8 +135,9 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     if engine is None:
         check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
         engine = local_engine(cfg, lm, partition, progress)
-    server = Server(cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress,
-                    engine.categories)  # fmt: skip
+    server = Server(
+        cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories
+    )
     return Setup(cfg, partition, lm, held, engine, server)
 
 
@@ -230,13 +232,19 @@ def _rounds(
                 append_line(metrics, row)
         progress.log(_round_line(row, rounds))
     if out:
-        save_adapter(lm.model, server.global_state, out / "adapter")
+        privacy = server.privacy_summary()
+        facts = run_facts(cfg, history, privacy)
+        save_adapter(
+            lm.model,
+            server.global_state,
+            out / "adapter",
+            lambda folder: write_card(folder, cfg, lm.tokenizer, facts),
+        )
         summary: dict[str, Any] = {
             "rounds": rounds,
             "history": history,
             "partition": stats["heterogeneity"],
         }
-        privacy = server.privacy_summary()
         if privacy is not None:
             summary["privacy"] = {**privacy, "stopped_after_round": stopped_at}
             progress.log(
@@ -293,9 +301,11 @@ def _resume_point(
             )
         moved = changed(ckpt.run_state.get("fingerprints", {}), prints)
         if moved:
-            what = {"data": f"the data file (data.path={cfg.data.path!r})",
-                    "model": f"the model weights (model.name={cfg.model.name!r})",
-                    "tokenizer": "the tokenizer"}  # fmt: skip
+            what = {
+                "data": f"the data file (data.path={cfg.data.path!r})",
+                "model": f"the model weights (model.name={cfg.model.name!r})",
+                "tokenizer": "the tokenizer",
+            }
             raise ConfigError(
                 f"--resume: {', '.join(what[k] for k in moved)} changed since round "
                 f"{ckpt.round} was checkpointed in {ckpt.folder}; the remaining rounds would "
@@ -343,8 +353,10 @@ def _system_note(system: dict[str, Any] | None) -> str:
         return ""
     status = [c["status"] for c in system["clients"]]
     cut = ", ".join(f"{status.count(k)} {k}" for k in ("partial", "dropped") if k in status)
-    return (f"; {system['online']} online, virtual {system['virtual_s']:.1f}s (clock "
-            f"{system['virtual_clock_s']:.1f}s)" + (f", {cut}" if cut else ""))  # fmt: skip
+    return (
+        f"; {system['online']} online, virtual {system['virtual_s']:.1f}s (clock "
+        f"{system['virtual_clock_s']:.1f}s)" + (f", {cut}" if cut else "")
+    )
 
 
 def _round_line(row: dict[str, Any], rounds: int) -> str:

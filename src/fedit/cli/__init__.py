@@ -113,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
         help="origin allowed to call the API from a browser (repeatable; default any)",
     )  # fmt: skip
 
+    exp = sub.add_parser(
+        "export", help="the adapter merged into the base as a HF model folder (or adapter only)"
+    )
+    exp.add_argument("source", help="a run folder (its config.toml and adapter/)")
+    exp.add_argument("--out", required=True, help="folder to write (new, empty, or an export)")
+    exp.add_argument("--adapter", help="adapter folder (default: the run's adapter/)")
+    exp.add_argument(
+        "--adapter-only", action="store_true",
+        help="the PEFT adapter with tokenizer, model card and prompt format, not merged",
+    )  # fmt: skip
+    exp.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="weights of the merged model (default float32)",
+    )  # fmt: skip
+
     fed = sub.add_parser(
         "federate", help="run the config over real Flower processes on this machine (loopback)"
     )
@@ -269,6 +284,14 @@ def _cmd_flower_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedit.export import export
+
+    adapter = Path(args.adapter) if args.adapter else None
+    export(args.source, Path(args.out), adapter, args.adapter_only, args.dtype)
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(to_toml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -298,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "chat": cmd_chat,
         "serve": cmd_serve,
+        "export": _cmd_export,
         "federate": _cmd_federate,
         "flower-app": _cmd_flower_app,
         "flower-certs": _cmd_flower_certs,
