@@ -116,3 +116,64 @@ def test_adapter_only_export_loads_in_peft(run: Path, tmp_path: Path) -> None:
     _, base = load_model(ModelConfig(name="fedit/tiny-llama"), seed=0)
     model = PeftModel.from_pretrained(base, str(out))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files, read as TFRecords (no TensorBoard needed)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_events_follow_metrics(run: Path) -> None:
+    scalars = _events(run / "tensorboard")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = [(r["round"], r["eval"]["loss"]) for r in rows if r.get("eval")]
+    assert [(s, round(v, 4)) for s, v in scalars["heldout/loss"]] == [
+        (s, round(v, 4)) for s, v in loss
+    ]
+    assert {"train/loss", "bytes/up_total", "time/seconds"} <= set(scalars)
+    assert any(t.startswith("heldout_category/") for t in scalars)
+
+
+def test_chat_keeps_the_conversation(run: Path) -> None:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("fedit")
+    script = "/help\nTell me about the river.\nAnd the city?\n/reset\n/bogus\nHi\n"
+    proc = subprocess.run([str(exe), "chat", str(run), "--max-new-tokens", "6"], input=script,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model> ") == 3
+    for words in ("/reset", "(new conversation)", "unknown command /bogus"):
+        assert words in proc.stderr
+
+
+def test_progress_shows_rate_and_eta_off_a_terminal() -> None:
+    import io
+    import re
+    import time
+
+    from fedit.progress import Progress
+
+    stream = io.StringIO()
+    p = Progress(stream=stream, every=2)
+    for step in range(1, 5):
+        time.sleep(0.01)
+        p.step(1, 3, "0", 7, step, 4, 1.0)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "step 4/4" in lines[-1]
+    assert re.search(r"\(\d+\.\d\d step/s, ETA 00:00\)$", lines[-1]), lines[-1]

@@ -18,10 +18,23 @@ class Progress:
         self.tty = self.stream.isatty()
         self.every = every
         self._t0 = time.perf_counter()
+        self._seen: dict[Any, tuple[float, int]] = {}
 
     def _elapsed(self) -> str:
         s = int(time.perf_counter() - self._t0)
         return f"{s // 60:02d}:{s % 60:02d}"
+
+    def rate(self, key: Any, done: int, total: int, unit: str) -> str:
+        """' (R unit/s, ETA mm:ss)' for work `key` at `done` of `total`, measured from when
+        `key` was first reported; '' until there are two reports to measure between."""
+        now = time.perf_counter()
+        t0, d0 = self._seen.setdefault(key, (now, done))
+        if done <= d0 or now <= t0:
+            return ""
+        per_s = (done - d0) / (now - t0)
+        left = int(max(total - done, 0) / per_s)
+        shown = f"{per_s:.2f} {unit}/s" if per_s >= 1 else f"{1 / per_s:.1f} s/{unit}"
+        return f" ({shown}, ETA {left // 60:02d}:{left % 60:02d})"
 
     def log(self, text: str) -> None:
         if self.enabled:
@@ -34,6 +47,7 @@ class Progress:
         if not self.enabled:
             return
         text = f"round {rnd}/{rounds} client {client} ({slot}) step {step}/{total} loss {loss:.4f}"
+        text += self.rate(("step", rnd, slot, client), step, total, "step")
         if self.tty:
             print(f"\r\033[K[{self._elapsed()}] {text}", end="", file=self.stream, flush=True)
         elif step == total or step % self.every == 0:

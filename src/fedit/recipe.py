@@ -49,6 +49,7 @@ from fedit.server.selection import SELECTORS
 from fedit.server.server import Server
 from fedit.server.strategies import STRATEGIES, build_strategy
 from fedit.server.system import Systems
+from fedit.tracking import Board
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"federation.rounds", "federation.workers", "faults.crash"}
@@ -160,7 +161,7 @@ def _rounds(
     progress: Progress,
     prints: dict[str, str],
 ) -> RunResult:
-    cfg, engine, server, held, lm = run.cfg, run.engine, run.server, run.held, run.lm
+    cfg, engine, server = run.cfg, run.engine, run.server
     stats = run.partition.stats
     if run.partition.clients:
         rows = 20 if len(run.partition.clients) > 20 else 100
@@ -183,6 +184,28 @@ def _rounds(
         else:
             _rewrite_metrics(metrics, -1)
 
+    board = Board(out / "tensorboard") if out and cfg.eval.tensorboard else None
+    try:
+        return _loop(run, out, ckpt, progress, prints, history, start, run_id, board)
+    finally:
+        if board:
+            board.close()
+
+
+def _loop(
+    run: Setup,
+    out: Path | None,
+    ckpt: Checkpoint | None,
+    progress: Progress,
+    prints: dict[str, str],
+    history: list[dict[str, Any]],
+    start: int,
+    run_id: str,
+    board: Board | None,
+) -> RunResult:
+    cfg, engine, server, held, lm = run.cfg, run.engine, run.server, run.held, run.lm
+    stats = run.partition.stats
+    metrics = out / "metrics.jsonl" if out else None
     rounds = cfg.federation.rounds
     evaluating = bool(cfg.eval.every and held.examples)
     if start == 1 and evaluating and cfg.eval.at_start:
@@ -191,7 +214,10 @@ def _rounds(
         history.append(row)
         if metrics:
             append_line(metrics, row)
+        if board:
+            board.write(row)
     stopped_at = None
+    progress.rate("rounds", start - 1, rounds, "round")  # the ETA counts from here
     for rnd in range(start, rounds + 1):
         if _over_budget(cfg, server, rnd, progress):
             stopped_at = rnd - 1
@@ -230,7 +256,9 @@ def _rounds(
                 )
                 row["time"]["checkpoint"] = time.perf_counter() - t
                 append_line(metrics, row)
-        progress.log(_round_line(row, rounds))
+            if board:
+                board.write(row)
+        progress.log(_round_line(row, rounds) + progress.rate("rounds", rnd, rounds, "round"))
     if out:
         privacy = server.privacy_summary()
         facts = run_facts(cfg, history, privacy)

@@ -42,10 +42,17 @@ def _interrupted(message: str) -> int:
     return 130
 
 
+def _version() -> str:
+    from fedit import __version__
+
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedit", description="Federated instruction tuning of LLMs with LoRA (FedIT)."
     )
+    parser.add_argument("--version", action="version", version=f"fedit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federation in one process (simulation)")

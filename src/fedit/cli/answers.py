@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,42 +120,92 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """commands:
+  /reset   forget the conversation (a new chat)
+  /help    this text
+  /quit    leave (or Ctrl-D); Ctrl-C stops an answer that is being written
+Earlier turns are part of each prompt; arrow keys edit the line and recall history."""
+
+
+def _line_editing() -> None:
+    """readline: line editing, and history kept across sessions (where the platform has it)."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input()
+        return
+    import atexit
+
+    from fedit.models import cache_dir
+
+    history = cache_dir() / "chat_history"
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        if history.is_file():
+            readline.read_history_file(history)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+    atexit.register(lambda: _save_history(readline, history))
+
+
+def _save_history(readline: Any, history: Path) -> None:
+    with contextlib.suppress(OSError):
+        readline.write_history_file(history)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    from fedit.inference import generate, messages_to_record, prompt_for
+    from fedit.data.prompts import template_stops
+    from fedit.inference import messages_to_record, prompt_for, stream_answer
 
     loaded = load_source(args)
-    cfg = loaded.cfg
-    print(
-        f"chatting with {loaded.label}; empty line or Ctrl-D quits, /reset forgets",
-        file=sys.stderr,
-    )
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _line_editing()
+    print(f"chatting with {loaded.label} (template {cfg.data.template}); /help for commands, "
+          "Ctrl-D quits", file=sys.stderr)  # fmt: skip
     messages: list[dict[str, str]] = []
+    limit = max(cfg.data.cutoff_len, 2048)
     while True:
         try:
-            text = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+            text = input("you> " if interactive else "").strip()
+        except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit leaves)", file=sys.stderr)
+            continue
         if not text:
-            return 0
-        if text == "/reset":
-            messages = []
+            continue
+        if text.startswith("/"):
+            command = text.split()[0]
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                messages = []
+                print("(new conversation)", file=sys.stderr)
+            elif command == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            else:
+                print(f"unknown command {command}; /help lists them", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        prompt = prompt_for(messages_to_record(messages), cfg, loaded.tokenizer)
-        (answer,) = generate(
-            loaded.model,
-            loaded.tokenizer,
-            [prompt],
-            max_new_tokens=args.max_new_tokens or cfg.generate.max_new_tokens,
-            batch_size=1,
-            max_prompt_tokens=max(cfg.data.cutoff_len, 2048),
-            temperature=args.temperature,
-            seed=cfg.seed + len(messages),
-            add_special_tokens=cfg.data.template != "chat",
-        )
-        print(f"model> {answer['text']}")
-        messages.append({"role": "assistant", "content": answer["text"]})
+        prompt = prompt_for(messages_to_record(messages), cfg, tok)
+        ids = tok(prompt, add_special_tokens=cfg.data.template != "chat")["input_ids"][-limit:]
+        print("model> ", end="", flush=True)
+        try:
+            answer = stream_answer(
+                loaded.model, tok, ids, args.max_new_tokens or cfg.generate.max_new_tokens,
+                temperature=args.temperature, seed=cfg.seed + len(messages),
+                stops=template_stops(cfg.data.template),
+                on_text=lambda t: print(t, end="", flush=True),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print("\n(stopped; this turn is forgotten)", file=sys.stderr)
+            messages.pop()
+            continue
+        print(flush=True)
+        messages.append({"role": "assistant", "content": answer.text})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ class EvalConfig:
     )
     micro_batch_size: int = opt(8, "Examples per evaluation forward pass.")
     at_start: bool = opt(True, "Also evaluate the starting adapter, as round 0.")
+    tensorboard: bool = opt(
+        True, "Also write each round's metrics as TensorBoard event files in RUN/tensorboard/."
+    )
     max_examples: int = opt(
         0, "Evaluate on at most N test examples (0 = all), same ones each round."
     )

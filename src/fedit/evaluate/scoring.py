@@ -98,7 +98,10 @@ def answers_for(
 
     def on_batch(b: int, n: int) -> None:
         if progress:
-            progress.log(f"generating answers: batch {b}/{n} ({loaded.label})")
+            progress.log(
+                f"generating answers: batch {b}/{n} ({loaded.label})"
+                + progress.rate(("answers", loaded.label), b, n, "batch")
+            )
 
     outs = generate(
         loaded.model,
@@ -150,7 +153,7 @@ def judge_rows(
 
     def on_item(i: int, n: int) -> None:
         if progress and (i == n or i % 10 == 0):
-            progress.log(f"judge: {i}/{n} answers")
+            progress.log(f"judge: {i}/{n} answers" + progress.rate("judge", i, n, "answer"))
 
     return judge_answers(
         judge,
