@@ -61,8 +61,13 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [_f(a.get("loss_per_category", {}).get(c)) for a in arms.values()]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     if "local" in arms:
-        lines += ["", "Local-only clients:", "", "| client | records | held-out loss | ROUGE-L |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Local-only clients:",
+            "",
+            "| client | records | held-out loss | ROUGE-L |",
+            "|---|---|---|---|",
+        ]
         for p in arms["local"]["per_client"]:
             cells = [str(p["client"]), str(p["train_records"]), _f(p["loss"]), _f(p.get("rougeL"))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -96,7 +101,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     cats = sorted({c for a in arms.values() for c in a.get("loss_per_category", {})})
     if cats:
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cats)), 4))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cats)), 4.6))
         width = 0.8 / max(len(arms), 1)
         for i, (key, arm) in enumerate(arms.items()):
             ys = [arm.get("loss_per_category", {}).get(c, float("nan")) for c in cats]
@@ -106,15 +111,25 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xticklabels(cats, rotation=30, ha="right")
         ax.set_ylabel("held-out loss")
         ax.set_title("Held-out loss per category")
-        lows = [v for a in arms.values() for v in a.get("loss_per_category", {}).values()]
-        ax.set_ylim(min(lows) * 0.9, max(lows) * 1.03)
-        ax.legend(fontsize=8)
+        # Bars start at zero, so their lengths compare honestly; the legend sits above the
+        # axes, where it covers no bar.
+        ax.set_ylim(0, None)
+        ax.legend(
+            fontsize=8,
+            ncol=min(len(arms), 4),
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.08),
+            frameon=False,
+        )
         fig.tight_layout()
         written.append(_save(fig, out / "per_category.png"))
         plt.close(fig)
 
-    judged = {k: a["judge"]["pairwise"]["relative"] for k, a in arms.items()
-              if a.get("judge", {}).get("pairwise", {}).get("relative") is not None}  # fmt: skip
+    judged = {
+        k: a["judge"]["pairwise"]["relative"]
+        for k, a in arms.items()
+        if a.get("judge", {}).get("pairwise", {}).get("relative") is not None
+    }
     if judged:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.bar([ARM_NAMES.get(k, k) for k in judged], [100 * v for v in judged.values()])
