@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint typecheck unit readme-keys clean
+.PHONY: install run test lint typecheck unit readme-keys clean browser
 
 install: $(STAMP)
 
@@ -49,3 +49,8 @@ readme-keys: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+# The browser test's Chromium (Debian packages; needs root or sudo).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }

@@ -15,17 +15,17 @@ PACKAGE = SRC / "fedit"
 # Lower layers never import higher ones. A module's layer is the first prefix that matches.
 LAYERS = [
     ("fedit.errors", "fedit.registry", "fedit.seeding", "fedit.files", "fedit.progress",
-     "fedit.faults"),
+     "fedit.faults", "fedit.tracking"),
     ("fedit.config",),
     ("fedit.data", "fedit.models", "fedit.resources", "fedit.compression", "fedit.protocol"),
     ("fedit.lora", "fedit.checkpoint", "fedit.fingerprint", "fedit.deltas"),
     ("fedit.client.batching",),
-    ("fedit.client.train", "fedit.heldout", "fedit.inference", "fedit.fairness"),
+    ("fedit.client.train", "fedit.heldout", "fedit.inference", "fedit.fairness", "fedit.card"),
     ("fedit.client", "fedit.server"),
     ("fedit.engines.inprocess", "fedit.engines.pool", "fedit.engines.flower.node",
      "fedit.engines.flower.certs", "fedit.engines.flower.launch", "fedit.engines"),
     ("fedit.recipe",),
-    ("fedit.engines.flower.app", "fedit.evaluate", "fedit.serve"),
+    ("fedit.engines.flower.app", "fedit.evaluate", "fedit.serve", "fedit.export"),
     ("fedit.cli",),
 ]  # fmt: skip
 

@@ -72,3 +72,33 @@ def summary_table(history: Sequence[dict[str, Any]]) -> str:
             f"{f(h.get('seconds'), 7, '.1f')}"
         )
     return "\n".join(lines)
+
+
+def _system_note(system: dict[str, Any] | None) -> str:
+    if not system:
+        return ""
+    status = [c["status"] for c in system["clients"]]
+    cut = ", ".join(f"{status.count(k)} {k}" for k in ("partial", "dropped") if k in status)
+    return (
+        f"; {system['online']} online, virtual {system['virtual_s']:.1f}s (clock "
+        f"{system['virtual_clock_s']:.1f}s)" + (f", {cut}" if cut else "")
+    )
+
+
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """The progress line of a finished round (one metrics row)."""
+    ev = row.get("eval")
+    eps = row.get("privacy", {}).get("epsilon")
+    loss = row["train_loss"]
+    return (
+        f"round {row['round']}/{rounds} done: clients {row['clients']} train loss "
+        + (
+            f"{loss:.4f}"
+            if loss is not None
+            else "- (" + row.get("loss_note", "no client this round") + ")"
+        )
+        + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+        + (f", epsilon {eps:.3f}" if eps is not None else "")
+        + _system_note(row.get("system"))
+        + f" ({row['seconds']:.1f}s)"
+    )

@@ -43,7 +43,7 @@ from fedit.lora import (
     save_adapter,
     set_adapter,
 )
-from fedit.progress import Progress, summary_table
+from fedit.progress import Progress, round_line, summary_table
 from fedit.registry import Registry
 from fedit.server.selection import SELECTORS
 from fedit.server.server import Server
@@ -258,7 +258,7 @@ def _loop(
                 append_line(metrics, row)
             if board:
                 board.write(row)
-        progress.log(_round_line(row, rounds) + progress.rate("rounds", rnd, rounds, "round"))
+        progress.log(round_line(row, rounds) + progress.rate("rounds", rnd, rounds, "round"))
     if out:
         privacy = server.privacy_summary()
         facts = run_facts(cfg, history, privacy)
@@ -374,35 +374,6 @@ def _crash_hook(cfg: Config, rnd: int) -> Any:
     from fedit.faults import crash_now
 
     return crash_now if cfg.faults.crashes_at("checkpoint", rnd) else None
-
-
-def _system_note(system: dict[str, Any] | None) -> str:
-    if not system:
-        return ""
-    status = [c["status"] for c in system["clients"]]
-    cut = ", ".join(f"{status.count(k)} {k}" for k in ("partial", "dropped") if k in status)
-    return (
-        f"; {system['online']} online, virtual {system['virtual_s']:.1f}s (clock "
-        f"{system['virtual_clock_s']:.1f}s)" + (f", {cut}" if cut else "")
-    )
-
-
-def _round_line(row: dict[str, Any], rounds: int) -> str:
-    ev = row.get("eval")
-    eps = row.get("privacy", {}).get("epsilon")
-    loss = row["train_loss"]
-    return (
-        f"round {row['round']}/{rounds} done: clients {row['clients']} train loss "
-        + (
-            f"{loss:.4f}"
-            if loss is not None
-            else "- (" + row.get("loss_note", "no client this round") + ")"
-        )
-        + (f", held-out loss {ev['loss']:.4f}" if ev else "")
-        + (f", epsilon {eps:.3f}" if eps is not None else "")
-        + _system_note(row.get("system"))
-        + f" ({row['seconds']:.1f}s)"
-    )
 
 
 def _rewrite_metrics(

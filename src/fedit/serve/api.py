@@ -4,9 +4,9 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: 
 server-sent events in the chunk format of OpenAI's clients), `GET /v1/models`, `GET /health`,
 the web page at `/` (chat and arena) and its data at `/fedit/models` and `/fedit/questions`.
 
-Requests are parsed by hand so that every refusal names the key and the allowed values, in
-OpenAI's error shape. Generation runs in one worker thread, first come first served: the base
-model is shared and a CPU (or one GPU) gains little from interleaving single requests.
+Requests are checked in `serve/requests.py`. Generation runs in one worker thread, first come
+first served: the base model and its active adapter are shared, so one generation at a time
+is what keeps concurrent requests from seeing each other's adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -27,86 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from fedit.data.records import DataError, Record
-from fedit.inference import Answer, messages_to_record
+from fedit.data.records import Record
+from fedit.inference import Answer
 from fedit.serve.models import BASE, ContextError, Models
 from fedit.serve.models import Request as Job
+from fedit.serve.requests import ApiError, Parsed, parse, read_body
 
 log = logging.getLogger("fedit.serve")
-MAX_BODY = 8 * 1024 * 1024
 STATS = "fedit.stats"  # the request's token counts, for the access log
-MAX_N = 8
-MAX_STOPS = 16
-UNSUPPORTED = ("tools", "functions", "logit_bias", "response_format", "suffix", "best_of")
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-    def response(self) -> JSONResponse:
-        error = {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.status,
-        }
-        return JSONResponse({"error": error}, status_code=self.status)
-
-
-def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ApiError(
-            400, f"{key}: expected a number in [{lo:g}, {hi:g}], got {value!r}", param=key
-        )
-    return float(value)
-
-
-def _integer(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ApiError(400, f"{key}: expected an integer in [{lo}, {hi}], got {value!r}", param=key)
-    return value
-
-
-def _stops(body: dict[str, Any]) -> list[str] | None:
-    value = body.get("stop")
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
-        raise ApiError(
-            400,
-            f"stop: expected a string or a list of non-empty strings, got {value!r}",
-            param="stop",
-        )
-    if len(items) > MAX_STOPS:
-        raise ApiError(400, f"stop: at most {MAX_STOPS} strings, got {len(items)}", param="stop")
-    return list(items)
-
-
-@dataclass
-class Parsed:
-    """A request, checked: the model, one prompt text per choice set, the settings."""
-
-    model: str
-    prompts: list[tuple[str, bool]]  # (text, add BOS)
-    n: int
-    stream: bool
-    include_usage: bool
-    job: Job  # the settings; prompt filled per choice
 
 
 class Api:
@@ -122,65 +49,7 @@ class Api:
     # --- parsing ---------------------------------------------------------------------------
 
     def parse(self, body: dict[str, Any], chat: bool) -> Parsed:
-        for key in UNSUPPORTED:
-            if body.get(key) not in (None, [], {}):
-                raise ApiError(400, f"{key}: not supported by this server", param=key)
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-            raise ApiError(400, "logprobs: not supported by this server", param="logprobs")
-        if body.get("echo"):
-            raise ApiError(400, "echo: not supported by this server", param="echo")
-        for key in ("presence_penalty", "frequency_penalty"):
-            if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
-                raise ApiError(400, f"{key}: only 0 is supported", param=key)
-        model = body.get("model") or self.default_model
-        if model not in self.models.sources:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; this server has {self.models.names}",
-                "model_not_found",
-                "model",
-            )
-        n = _integer(body, "n", 1, 1, MAX_N) or 1
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _integer({"max_tokens": limit}, "max_tokens", None, 1, self.models.context)
-        temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-        if top_p <= 0.0:
-            raise ApiError(400, "top_p: must be above 0", param="top_p")
-        seed = _integer(body, "seed", 0, -(2**63), 2**63 - 1) or 0
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, f"stream: expected true or false, got {stream!r}", param="stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise ApiError(400, "stream_options: expected an object", param="stream_options")
-        stops = _stops(body)
-        if chat:
-            try:
-                record = messages_to_record(body.get("messages") or [])
-            except (ValueError, DataError) as e:
-                raise ApiError(400, str(e), param="messages") from None
-            prompts = [self.models.chat_prompt(model, record)]
-            if stops is None:  # the template's own turn markers end the answer
-                stops = self.models.default_stops(model)
-        else:
-            prompt = body.get("prompt")
-            texts = [prompt] if isinstance(prompt, str) else prompt
-            if (
-                not isinstance(texts, list)
-                or not texts
-                or not all(isinstance(t, str) for t in texts)
-            ):
-                raise ApiError(
-                    400,
-                    "prompt: expected a string or a non-empty list of strings "
-                    "(token ids are not accepted)",
-                    param="prompt",
-                )
-            prompts = [(t, True) for t in texts]
-            stops = stops or []
-        job = Job(model, "", max_tokens, temperature, top_p, seed, stops)
-        return Parsed(model, prompts, n, stream, bool(options.get("include_usage")), job)
+        return parse(self.models, self.default_model, body, chat)
 
     # --- generation ------------------------------------------------------------------------
 
@@ -275,19 +144,6 @@ def _counts(answers: list[Answer]) -> dict[str, int]:
     }
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw or len(raw) > MAX_BODY:
-        raise ApiError(400, f"request body must be 1..{MAX_BODY} bytes of JSON")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
-
-
 def _static(name: str) -> str:
     return resources.files("fedit.serve").joinpath("static", name).read_text(encoding="utf-8")
 
@@ -350,7 +206,7 @@ def make_app(
         return await _complete(request, chat=False)
 
     async def _complete(request: Request, chat: bool) -> Any:
-        p = api.parse(await _body(request), chat)
+        p = api.parse(await read_body(request), chat)
         jobs = api.jobs(p)
         api.served += 1
         stats = request.scope.setdefault(STATS, {})
