@@ -257,3 +257,24 @@ def test_arena_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
     assert answers["fed"]["reference"]  # a held-out question was asked, its reference shown
     assert shot.stat().st_size > 10_000, "the screenshot is empty"
     assert time.perf_counter() - t0 < 120
+
+
+def test_a_compare_folder_serves_one_model_per_arm(runs: dict[str, Path], tmp_path: Path) -> None:
+    from fedit.serve import expand_sources
+
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    shutil.copy(runs["fed"] / "config.toml", compare / "config.toml")
+    for arm in ("fedit", "centralized", "local_client_0001"):
+        shutil.copytree(runs["fed"], compare / arm)
+    (compare / "answers").mkdir()  # not an arm: no adapter/
+    names = [s.name for s in expand_sources([str(compare)])]
+    assert names == ["centralized", "fedit", "local_client_0001"]
+    named = expand_sources([f"cmp={compare}", f"solo={runs['hot']}"])
+    assert [s.name for s in named] == [
+        "cmp/centralized",
+        "cmp/fedit",
+        "cmp/local_client_0001",
+        "solo",
+    ]
+    assert named[-1].info["rounds"] == 2

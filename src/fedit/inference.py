@@ -325,7 +325,7 @@ def stream_answer(
     try:
         with ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if temperature > 0:
-                torch.manual_seed(seed)
+                torch.manual_seed(seed % 2**64)  # any integer a client sends
             model.generate(**kwargs)
     finally:
         model.train(was_training)
