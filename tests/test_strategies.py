@@ -84,7 +84,7 @@ def test_update_norm_clipping() -> None:
 def test_fedprox_plan_and_penalty_gradient() -> None:
     plan = build_strategy(
         cfg("federation.strategy='fedprox'", "strategy.prox_mu=0.5"), 2
-    ).client_plan(0, X0)
+    ).client_plan(0, X0, 1)
     assert plan.prox_mu == 0.5
     p = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
     p.grad = torch.tensor([0.1, 0.2])
@@ -159,9 +159,9 @@ def test_scaffold_hand_computed() -> None:
     assert float(state["ci/0/w"]) == pytest.approx(1.0) and float(state["ci/1/w"]) == pytest.approx(
         6.0
     )
-    plan = s.client_plan(0, out)
+    plan = s.client_plan(0, out, 1)
     assert plan.correction is not None and float(plan.correction["w"]) == pytest.approx(0.75)
-    assert float(s.client_plan(3, out).correction["w"]) == pytest.approx(1.75)  # type: ignore[index]
+    assert float(s.client_plan(3, out, 1).correction["w"]) == pytest.approx(1.75)  # type: ignore[index]
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "scaffold"])
@@ -242,16 +242,39 @@ def test_heterogeneous_ranks_aggregate_exactly() -> None:
     )
     c = cfg("lora.r=8", "lora.client_ranks=[2, 4]", "strategy.lora_aggregation='svd'")
     s = build_strategy(c, 2)
-    assert s.client_plan(0, {}).rank == 2 and s.client_plan(1, {}).rank == 4
+    assert s.client_plan(0, {}, 1).rank == 2 and s.client_plan(1, {}, 1).rank == 4
     glob = {"m.lora_A.weight": torch.zeros(8, 5), "m.lora_B.weight": torch.zeros(6, 8)}
     out = s.aggregate(glob, [Update(0, small, 1, 1), Update(1, large, 3, 1)])
     assert out["m.lora_A.weight"].shape == (8, 5) and out["m.lora_B.weight"].shape == (6, 8)
     assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], target, atol=1e-5)
 
 
+def test_rolora_alternates_the_trained_factor_and_averages_exactly() -> None:
+    s = build_strategy(cfg("strategy.lora_aggregation='rolora'"), 2)
+    plans = [s.client_plan(0, {}, rnd) for rnd in (1, 2, 3, 4)]
+    assert [(p.train_lora_A, p.train_lora_B) for p in plans] == [(False, True), (True, False)] * 2
+    assert plans[0].trains("m.lora_B.weight") and not plans[0].trains("m.lora_A.weight")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    glob = lora_state(b, a)
+    # A B-round: the clients share A, so the mean of B_i A is (mean B_i) A, exactly.
+    bs = [torch.randn(4, 2, generator=g) for _ in range(2)]
+    out = s.aggregate(
+        glob, [Update(i, {"m.lora_B.weight": bs[i]}, n, 1) for i, n in ((0, 1), (1, 3))]
+    )
+    exact = 0.25 * bs[0] @ a + 0.75 * bs[1] @ a
+    assert torch.equal(out["m.lora_A.weight"], a)
+    assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], exact, atol=1e-6)
+    # An A-round: B shared, the mean of B A_i is B (mean A_i).
+    As = [torch.randn(2, 3, generator=g) for _ in range(2)]
+    out = s.aggregate(glob, [Update(i, {"m.lora_A.weight": As[i]}, 1, 1) for i in (0, 1)])
+    assert torch.equal(out["m.lora_B.weight"], b)
+    assert torch.allclose(b @ out["m.lora_A.weight"], 0.5 * (b @ As[0] + b @ As[1]), atol=1e-6)
+
+
 def test_ffa_plan_freezes_a_and_fills_it_from_global() -> None:
     s = build_strategy(cfg("strategy.lora_aggregation='ffa'"), 2)
-    assert s.client_plan(0, {}).train_lora_A is False
+    assert s.client_plan(0, {}, 1).train_lora_A is False
     a = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     glob = lora_state(torch.zeros(4, 2), a)
     ups = [Update(i, {"m.lora_B.weight": torch.full((4, 2), float(i))}, 1, 1) for i in (1, 3)]
@@ -275,7 +298,7 @@ def run_toy(
     for _ in range(rounds):
         ups = []
         for i in range(len(a)):
-            plan = s.client_plan(i, x)
+            plan = s.client_plan(i, x, 1)
             corr = 0.0 if plan.correction is None else float(plan.correction["w"])
             y = float(x["w"])
             for _ in range(steps[i]):
@@ -315,6 +338,7 @@ VARIANTS = [
     ["federation.strategy=fedadagrad"],
     ["strategy.lora_aggregation=svd"],
     ["strategy.lora_aggregation=ffa"],
+    ["strategy.lora_aggregation=rolora"],
     ["strategy.lora_aggregation=svd", "lora.client_ranks=[1, 2, 4]"],
     ["strategy.robust=median", "strategy.clip_norm=0.5"],
     ["strategy.robust=trimmed_mean", "strategy.trim_ratio=0.25"],
@@ -345,6 +369,10 @@ def test_every_strategy_runs_through_the_cli(
         assert rows[-1]["bytes_up_per_client"] == b_bytes
     if "lora.client_ranks=[1, 2, 4]" in overrides:
         assert rows[-1]["bytes_up_per_client"] < rows[-1]["bytes_down_per_client"]
+    if "strategy.lora_aggregation=rolora" in overrides:  # half goes up: B, then A
+        half = {f: sum(v.numel() * v.element_size() for k, v in state.items() if f in k)
+                for f in (".lora_A.", ".lora_B.")}  # fmt: skip
+        assert [r["bytes_up_per_client"] for r in rows[1:]] == [half[".lora_B."], half[".lora_A."]]
     # resume continues the strategy state exactly
     resumed = tmp_path / "resumed"
     assert (

@@ -65,14 +65,20 @@ class ClientPlan:
     prox_mu: float = 0.0
     # SCAFFOLD: c - c_i, added to every gradient (keys as in the adapter state).
     correction: AdapterState | None = None
-    # FFA-LoRA: A stays at its shared init; only B is trained and sent back.
+    # FFA-LoRA: A stays at its shared init; only B is trained and sent back. RoLoRA: one
+    # factor per round (B in odd rounds, A in even ones); only that one is sent back.
     train_lora_A: bool = True
+    train_lora_B: bool = True
     # Heterogeneous ranks: train and send only the first `rank` LoRA components.
     rank: int | None = None
     # A round deadline (simulated systems): the steps the client finishes in time. Past it
     # the client sends the work done (`partial`) or, if not, only that it was too slow.
     max_steps: int | None = None
     partial: bool = False
+
+    def trains(self, key: str) -> bool:
+        """Whether the client trains (and sends back) the LoRA tensor `key`."""
+        return self.train_lora_A if ".lora_A." in key else self.train_lora_B
 
 
 def secagg_threshold(sampled: int) -> int:
@@ -105,6 +111,7 @@ class Task:
         p = Payload()
         p.values.update(round=self.round, client=self.client, run_id=self.run_id,
                         prox_mu=float(self.plan.prox_mu), train_lora_A=self.plan.train_lora_A,
+                        train_lora_B=self.plan.train_lora_B,
                         rank=-1 if self.plan.rank is None else int(self.plan.rank),
                         secure=self.secure, clip_norm=float(self.clip_norm),
                         noise_std=float(self.noise_std), probe=int(self.probe),
@@ -124,6 +131,7 @@ class Task:
             prox_mu=float(v["prox_mu"]),
             correction=_to_torch(p, "correction") if "correction" in p.arrays else None,
             train_lora_A=bool(v["train_lora_A"]),
+            train_lora_B=bool(v.get("train_lora_B", True)),
             rank=None if rank < 0 else rank,
             max_steps=None if max_steps < 0 else max_steps,
             partial=bool(v.get("partial", False)),

@@ -53,7 +53,7 @@ def train_local(
                           {"straggler": 1.0, "planned_steps": float(planned)})  # fmt: skip
     set_adapter(model, adapter)
     by_key = adapter_parameters(model)
-    frozen = [] if plan.train_lora_A else [k for k in by_key if ".lora_A." in k]
+    frozen = [k for k in by_key if not plan.trains(k)]
     masks = _rank_masks(by_key, plan.rank) if plan.rank is not None else {}
     with torch.no_grad():
         for k, m in masks.items():
@@ -116,7 +116,7 @@ def train_local(
             by_key[k].requires_grad_(True)
     seconds = time.perf_counter() - t_setup
     state = get_adapter(model)
-    if frozen:  # FFA-LoRA sends B only; A is the shared init everyone already has
+    if frozen:  # FFA-LoRA / RoLoRA send the trained factor only; the other one is shared
         state = {k: v for k, v in state.items() if k not in frozen}
     if plan.rank is not None:
         state = {k: _slice_rank(k, v, plan.rank) for k, v in state.items()}

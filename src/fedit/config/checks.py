@@ -113,7 +113,7 @@ def check_sections(cfg: Config) -> None:
     if cfg.compression.method != "none" and cfg.lora.client_ranks:
         raise ConfigError("compression.method: not supported with lora.client_ranks")
     if cfg.privacy.clip_norm and (
-        cfg.federation.strategy != "fedavg" or s.lora_aggregation == "svd"
+        cfg.federation.strategy != "fedavg" or s.lora_aggregation not in ("naive", "ffa")
     ):
         raise ConfigError(
             "privacy.clip_norm: DP-FedAvg replaces the aggregation; it needs "

@@ -177,7 +177,7 @@ class PrivacyConfig:
         False,
         "Flower only: the server learns only the sum of the round's updates (Flower's SecAgg+; "
         "with DP the clients clip and add the noise). Needs a sum-based rule: fedavg, fedprox, "
-        "fedavgm, fedadam, fedyogi or fedadagrad with naive or ffa LoRA aggregation.",
+        "fedavgm, fedadam, fedyogi or fedadagrad with naive, ffa or rolora LoRA aggregation.",
     )
     secagg_clipping_range: float = opt(
         8.0,

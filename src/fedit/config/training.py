@@ -224,11 +224,13 @@ class StrategyConfig:
         "FedAdam / FedYogi: scale the server step by sqrt(1 - beta2^t) / (1 - beta1^t) as "
         "Flower's FedAdam does; off = Reddi et al.'s Algorithm 2, without it.",
     )
-    lora_aggregation: Literal["naive", "svd", "ffa"] = opt(
+    lora_aggregation: Literal["naive", "svd", "ffa", "rolora"] = opt(
         "naive",
         "How LoRA factors combine: 'naive' averages A and B apart (FedIT); 'svd' averages the "
         "products B·A exactly and folds them back to rank r by truncated SVD; 'ffa' freezes A "
-        "at its shared init and trains and sends only B (exact, half the bytes).",
+        "at its shared init and trains and sends only B (exact, half the bytes); 'rolora' "
+        "trains B in odd rounds and A in even rounds, the other factor frozen (exact, half "
+        "the bytes each round, both factors learn).",
     )
     robust: Literal["mean", "median", "trimmed_mean"] = opt(
         "mean", "Combine client adapters by weighted mean, coordinate-wise median or trimmed mean."

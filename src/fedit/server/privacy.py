@@ -87,8 +87,8 @@ class DPFedAvg:
             self.accountant = Accountant(cfg.noise_multiplier, per_round / num_clients, cfg.delta)
         self.report: dict[str, Any] = {}
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
-        return self.inner.client_plan(client_id, global_state)
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan:
+        return self.inner.client_plan(client_id, global_state, rnd)
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
         p, g = self.p, global_state
@@ -102,7 +102,7 @@ class DPFedAvg:
         std = p.noise_multiplier * p.clip_norm
         if std:
             # Noise on what clients can change: FFA-LoRA's clients train no A, so A gets none.
-            train_a = self.inner.client_plan(0, g).train_lora_A  # known also in an empty round
+            train_a = self.inner.client_plan(0, g, 1).train_lora_A  # known in an empty round
             noisy = [k for k in g if train_a or ".lora_A." not in k]
             rnd = self.rounds + 1
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", rnd))

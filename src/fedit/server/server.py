@@ -140,7 +140,7 @@ class Server:
         g = self.global_state
         out = []
         for c in chosen:
-            plan = self.strategy.client_plan(c, g)
+            plan = self.strategy.client_plan(c, g, rnd)
             budget = self.systems.step_budget(c)
             if budget is not None:  # the deadline, in the steps this client finishes by then
                 plan = replace(

@@ -249,9 +249,7 @@ class FlowerClients:
             )
             for t in live
         }
-        keys = sorted(
-            k for k in live[0].adapter if live[0].plan.train_lora_A or ".lora_A." not in k
-        )
+        keys = sorted(k for k in live[0].adapter if live[0].plan.trains(k))
         max_weight = 1.0 if weight == "equal" else float(max(self.sizes))
         return secagg.secure_round(
             self.grid, self.context, live[0].round, fitins, keys, max_weight,

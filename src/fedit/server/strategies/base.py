@@ -27,7 +27,7 @@ class Strategy(Protocol):
     that checkpoints capture it and `--resume` restores it exactly.
     """
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan: ...
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan: ...
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState: ...
 
@@ -72,10 +72,14 @@ class FedAvg:
         if self.s.robust != "mean":
             raise ConfigError(f"federation.strategy={name!r} needs strategy.robust='mean'")
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan:
         ranks = self.cfg.lora.client_ranks
+        how = self.s.lora_aggregation
+        # RoLoRA starts with B: LoRA's B is zero at init, so A's gradient is zero until B moves.
+        b_round = rnd % 2 == 1
         return ClientPlan(
-            train_lora_A=self.s.lora_aggregation != "ffa",
+            train_lora_A=how not in ("ffa", "rolora") or (how == "rolora" and not b_round),
+            train_lora_B=how != "rolora" or b_round,
             rank=ranks[client_id % len(ranks)] if ranks else None,
         )
 

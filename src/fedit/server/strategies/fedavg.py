@@ -16,8 +16,8 @@ from fedit.server.strategies.base import STRATEGIES, FedAvg
 class FedProx(FedAvg):
     """FedAvg whose clients add mu/2 * ||w - w_global||^2 over the LoRA weights to their loss."""
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
-        return replace(super().client_plan(client_id, global_state), prox_mu=self.s.prox_mu)
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan:
+        return replace(super().client_plan(client_id, global_state, rnd), prox_mu=self.s.prox_mu)
 
 
 class FedNova(FedAvg):

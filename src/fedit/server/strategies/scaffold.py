@@ -32,11 +32,11 @@ class Scaffold(FedAvg):
     def _zeros(self, like: AdapterState) -> AdapterState:
         return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan:
         c = self.c or self._zeros(global_state)
         ci = self.c_i.get(client_id) or self._zeros(global_state)
         correction = {k: (c[k] - ci[k]).to(global_state[k].dtype) for k in global_state}
-        return replace(super().client_plan(client_id, global_state), correction=correction)
+        return replace(super().client_plan(client_id, global_state, rnd), correction=correction)
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
         states = self.clipped(global_state, updates)
