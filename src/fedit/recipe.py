@@ -31,10 +31,18 @@ from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_par
 from fedit.data.prompts import TEMPLATES
 from fedit.data.records import DataError
 from fedit.engines import Engine
-from fedit.fairness import fairness
+from fedit.fairness import fairness, spread
 from fedit.files import append_line, atomic_json, atomic_lines, atomic_text, writable_folder
 from fedit.fingerprint import changed, fingerprints
-from fedit.heldout import HeldOut, evaluate_loss, heldout_set, lost_note
+from fedit.heldout import (
+    EvalSet,
+    HeldOut,
+    client_sets,
+    evaluate_loss,
+    heldout_set,
+    lost_note,
+    own_data_losses,
+)
 from fedit.lora import (
     AdapterState,
     LoraModel,
@@ -100,11 +108,18 @@ class Setup:
     held: HeldOut
     engine: Engine
     server: Server
+    own: dict[int, EvalSet] = field(default_factory=dict)  # each client's own held-out data
 
     def evaluate(self) -> dict[str, Any]:
         set_adapter(self.lm.model, self.server.global_state)
         result = evaluate_loss(self.lm.model, self.held.eval_set, self.lm.pad_id)
         result["fairness"] = fairness(result, self.server.categories)
+        if self.own:  # the global adapter on each client's own held-out examples
+            losses = own_data_losses(self.lm.model, self.own, self.lm.pad_id)
+            result["own_data"] = {
+                "clients": losses,
+                **spread({c: v["loss"] for c, v in losses.items()}),
+            }
         return result
 
 
@@ -139,7 +154,8 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
     server = Server(
         cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories
     )
-    return Setup(cfg, partition, lm, held, engine, server)
+    own = client_sets(partition.client_tests, lm.tokenizer, cfg)
+    return Setup(cfg, partition, lm, held, engine, server, own)
 
 
 def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Progress) -> Engine:
@@ -273,6 +289,9 @@ def _loop(
             "history": history,
             "partition": stats["heterogeneity"],
         }
+        last = next((h["eval"] for h in reversed(history) if h.get("eval")), {})
+        if "own_data" in last:  # how the final global adapter serves each client's own data
+            summary["own_data"] = last["own_data"]
         if privacy is not None:
             summary["privacy"] = {**privacy, "stopped_after_round": stopped_at}
             progress.log(

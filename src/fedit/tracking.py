@@ -35,8 +35,13 @@ class Board:
         scalar("heldout/ppl", ev.get("ppl"))
         for cat, v in (ev.get("per_category") or {}).items():
             scalar(f"heldout_category/{cat}", v.get("loss"))
-        for key, value in (ev.get("fairness") or {}).items():
-            scalar(f"fairness/{key}", value)
+        for key, value in ((ev.get("fairness") or {}).get("clients") or {}).items():
+            scalar(f"fairness_clients/{key}", value)
+        own = ev.get("own_data") or {}
+        for key in ("mean", "worst", "std"):
+            scalar(f"own_data/{key}", own.get(key))
+        for client, v in (own.get("clients") or {}).items():
+            scalar(f"own_data_client/{client}", v.get("loss"))
         for key in ("up_total", "down_total"):
             scalar(f"bytes/{key}", (row.get("bytes") or {}).get(key))
         scalar("privacy/epsilon", (row.get("privacy") or {}).get("epsilon"))

@@ -192,6 +192,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(
                 f"  {cat:<24} loss {v['loss']:.4f}  ppl {v['ppl']:8.2f}  tokens {int(v['tokens'])}"
             )
+    own = (last or {}).get("own_data")
+    if own:
+        print(
+            f"\neach client's own held-out data ({own['n']} clients): mean loss {own['mean']:.4f}, "
+            f"worst {own['worst']:.4f} (client {own['worst_name']})"
+        )
     print(f"\nglobal adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}")
     return 0
 

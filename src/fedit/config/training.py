@@ -59,6 +59,11 @@ class DataConfig:
     test_per_category: int = opt(
         10, "Held-out global test examples drawn per category before partitioning."
     )
+    client_test_fraction: float = opt(
+        0.0,
+        "Hold out this fraction of each client's own records (at least one, seeded per client, "
+        "never trained on) and score every evaluation on each client's own held-out examples.",
+    )
     cutoff_len: int = opt(256, "Maximum tokens per example (prompt + response + EOS).")
     train_on_inputs: bool = opt(False, "Also train on prompt tokens (otherwise they are masked).")
     template: str = opt(
@@ -81,6 +86,11 @@ class DataConfig:
         check(self.test_per_category >= 0, "data.test_per_category", "must be >= 0")
         check(self.cutoff_len >= 8, "data.cutoff_len", "must be >= 8")
         check(self.max_records >= 0, "data.max_records", "must be >= 0")
+        check(
+            0.0 <= self.client_test_fraction <= 0.5,
+            "data.client_test_fraction",
+            "must be in [0, 0.5]",
+        )
         roles = {"instruction", "input", "output", "category", "user", "messages"}
         for role in self.fields:
             check(role in roles, f"data.fields.{role}", f"unknown role (known: {sorted(roles)})")

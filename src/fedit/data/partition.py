@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class Partition:
     clients: list[list[Record]]
     test: list[Record]
     stats: dict[str, Any]
+    # `data.client_test_fraction`: each client's own held-out records (never trained on),
+    # keyed by the client's id in the full split (kept per client also when pooled).
+    client_tests: dict[int, list[Record]] = field(default_factory=dict)
 
 
 def split_test(
@@ -273,7 +276,10 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
     fn = PARTITIONERS.get(cfg.partition.method)
     parts = fn(train, cfg.partition, generator(cfg.seed, "partition", cfg.partition.method))
     clients = [[train[i] for i in p] for p in parts]
+    clients, own = _client_tests(clients, cfg.data.client_test_fraction, cfg.seed)
+    kept = cfg.partition.only or range(len(clients))
     clients = _keep(clients, cfg.partition.only, cfg.partition.pooled)
+    own = {c: own[c] for c in kept if own.get(c)}
     for c, recs in enumerate(clients):
         if not recs:
             raise PartitionError(
@@ -289,7 +295,22 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
             "partition.min_client_size, use fewer clients or a smaller batch"
         )
     test = [records[i] for i in test_idx]
-    return Partition(clients=clients, test=test, stats=partition_stats(clients, test))
+    return Partition(clients, test, partition_stats(clients, test), own)
+
+
+def _client_tests(
+    clients: list[list[Record]], fraction: float, seed: int
+) -> tuple[list[list[Record]], dict[int, list[Record]]]:
+    """Hold out `fraction` of each client's records (at least one, seeded per client)."""
+    if fraction <= 0:
+        return clients, {}
+    kept, own = [], {}
+    for c, recs in enumerate(clients):
+        k = max(1, round(fraction * len(recs))) if len(recs) > 1 else 0
+        held = set(generator(seed, "client-test", c).permutation(len(recs))[:k].tolist())
+        kept.append([r for i, r in enumerate(recs) if i not in held])
+        own[c] = [r for i, r in enumerate(recs) if i in held]
+    return kept, own
 
 
 def format_stats(stats: dict[str, Any], max_rows: int = 100) -> str:
