@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from fedit.config import variant
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedit.client.runtime import ClientRuntime
+from fedit.config import ConfigError, variant
 from fedit.data.partition import load_partition
+from fedit.engines.inprocess import InProcess
+from fedit.lora import load_lora_model
+from fedit.protocol import Update
 from fedit.recipe import run_federation
 from tests.conftest import tiny_config
 
@@ -42,3 +52,137 @@ def test_own_data_evaluation_in_metrics_and_summary(tmp_path: Path, data_file: P
     assert rows[0]["eval"]["own_data"]["mean"] != own["mean"]  # the base model scored too
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["own_data"] == own == result.history[-1]["eval"]["own_data"]
+
+
+class Recording:
+    """The in-process engine, keeping every message that crosses it (both ways)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.sent, self.received = inner, [], []
+        self.sizes, self.categories = inner.sizes, inner.categories
+
+    def launch(self, tasks: Any) -> Any:
+        out = []
+        for task in tasks:
+
+            def run(task: Any = task) -> Any:
+                p = task.to_payload()
+                self.sent.append(p)
+                reply = self.inner.runtime.handle(p, "rec")
+                self.received.append(reply)
+                return Update.from_payload(reply)
+
+            out.append((task.client, run))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _run(tmp: Path, cfg: Any, rounds: int, resume: bool = False) -> tuple[Any, Recording]:
+    cfg = variant(cfg, federation={"rounds": rounds})
+    split = load_partition(cfg)
+    lm = load_lora_model(cfg)
+    runtime = ClientRuntime(cfg, lm, dict(enumerate(split.clients)), own=split.client_tests,
+                            state_dir=tmp / "client-state")  # fmt: skip
+    engine = Recording(InProcess(runtime))
+    return run_federation(cfg, tmp, resume=resume, engine=engine), engine
+
+
+def latest(files: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each client's newest personal tensors (file names sort by round)."""
+    return {k.split("/", 1)[0] + "/" + k.rsplit("/", 1)[1]: v for k, v in sorted(files.items())}
+
+
+def _personal_files(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run / "client-state" / "personal").rglob("*.safetensors")):
+        out.update({f"{f.parent.name}/{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["ditto", "fedsa", "finetune"])
+def test_each_method_keeps_its_state_home_and_resumes_exactly(
+    method: str, tmp_path: Path, data_file: Path
+) -> None:
+    cfg = tiny_config(data_file, data={"client_test_fraction": 0.25},
+                      personalization={"method": method, "finetune_steps": 2})  # fmt: skip
+    whole, rec = _run(tmp_path / "whole", cfg, 3)
+    own = whole.history[-1]["eval"]["own_data"]
+    assert all("personal" in v for v in own["clients"].values())  # every client has its model
+    assert 0.0 <= own["helped"] <= 1.0 and own["helped"] + own["hurt"] <= 1.0
+    if method != "finetune":  # only the final round's evaluation fine-tunes
+        first = whole.history[1]["eval"]["own_data"]["clients"].values()
+        assert sum("personal" in v for v in first) == 2  # the round's two clients
+    else:
+        assert not any(
+            "personal" in v for v in whole.history[1]["eval"]["own_data"]["clients"].values()
+        )
+    sent_up = [set(p.arrays[g]) for p in rec.received for g in p.arrays]
+    trained = [s for s in sent_up if s]
+    assert trained, "no update went up"
+    if method == "fedsa":  # A only on the wire; B stays home
+        assert all(all(".lora_A." in k for k in s) for s in trained)
+    else:
+        assert any(any(".lora_B." in k for k in s) for s in trained)
+    personal = _personal_files(tmp_path / "whole")
+    if method == "finetune":
+        assert personal == {}
+    else:
+        assert personal
+        # The personal state is in no message, either way.
+        wire = [v for p in rec.sent + rec.received for g in p.arrays.values() for v in g.values()]
+        for v in personal.values():
+            assert not any(w.shape == tuple(v.shape) and np.array_equal(w, v.numpy()) for w in wire)
+    # Interrupted after round 2 and resumed: the same global adapter and personal states.
+    _run(tmp_path / "cut", cfg, 2)
+    resumed, _ = _run(tmp_path / "cut", cfg, 3, resume=True)
+    assert all(torch.equal(resumed.adapter[k], whole.adapter[k]) for k in whole.adapter)
+    assert latest(_personal_files(tmp_path / "cut")).keys() == latest(personal).keys()
+    for k, v in latest(personal).items():
+        assert torch.equal(latest(_personal_files(tmp_path / "cut"))[k], v)
+    assert resumed.history[-1]["eval"]["own_data"] == own
+
+
+def test_ditto_pulls_toward_the_global_adapter_not_its_start(
+    data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedit.client import train as train_mod
+    from fedit.lora import get_adapter
+    from fedit.protocol import ClientPlan
+    from tests.conftest import client_runtime
+
+    # The proximal gradient mu (v - w_global), on hand numbers.
+    p = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
+    p.grad = torch.zeros(2)
+    train_mod._adjust_gradients(
+        {"w": p}, ClientPlan(prox_mu=0.5), {"w": torch.tensor([0.0, 1.0])}, {}
+    )
+    assert torch.allclose(p.grad, torch.tensor([0.5, 1.0]))
+    # Ditto's personal step starts from v and is pulled toward the global adapter w.
+    runtime = client_runtime(tiny_config(data_file))
+    model = runtime.lm.model
+    w = get_adapter(model)
+    v = {k: t + 0.1 for k, t in w.items()}
+    seen: dict[str, torch.Tensor] = {}
+    real = train_mod._adjust_gradients
+
+    def spy(params: Any, plan: Any, anchor: Any, masks: Any) -> None:
+        seen.update({k: a.clone() for k, a in anchor.items()})
+        real(params, plan, anchor, masks)
+
+    monkeypatch.setattr(train_mod, "_adjust_gradients", spy)
+    train_mod.train_local(model, v, runtime.examples(0), runtime.cfg.client, client_id=0, seed=1,
+                          pad_token_id=runtime.lm.pad_id, plan=ClientPlan(prox_mu=0.5),
+                          anchor=w)  # fmt: skip
+    assert seen and all(torch.equal(seen[k], w[k]) for k in seen)
+
+
+def test_personalization_refusals(data_file: Path) -> None:
+    with pytest.raises(ConfigError, match="outside the DP guarantee"):
+        tiny_config(data_file, data={"client_test_fraction": 0.2}, privacy={"clip_norm": 1.0})
+    with pytest.raises(ConfigError, match="fedsa"):
+        tiny_config(data_file, personalization={"method": "fedsa"},
+                    strategy={"lora_aggregation": "ffa"})  # fmt: skip
+    with pytest.raises(ConfigError, match="workers"):
+        tiny_config(data_file, personalization={"method": "ditto"}, federation={"workers": 2})

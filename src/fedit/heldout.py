@@ -8,7 +8,7 @@ Below the round loop: the recipe evaluates the global adapter with it every roun
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -113,30 +113,6 @@ def heldout_set(records: Sequence[Record], tokenizer: Any, cfg: Config) -> HeldO
     subset = eval_subset(examples, cfg)
     lost = sorted({r.category for r in records} - {e.category for e in subset})
     return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped, lost)
-
-
-def client_sets(
-    own: Mapping[int, Sequence[Record]], tokenizer: Any, cfg: Config
-) -> dict[int, EvalSet]:
-    """Each client's own held-out records (`data.client_test_fraction`), tokenized as the
-    test split is; a client whose held-out answers all fall past cutoff_len has none."""
-    d, out = cfg.data, {}
-    for client, records in sorted(own.items()):
-        examples, _ = tokenize_records(records, tokenizer, d.template, d.cutoff_len, False)
-        if examples:
-            out[client] = EvalSet.build(examples, cfg.eval.micro_batch_size)
-    return out
-
-
-def own_data_losses(
-    model: Any, sets: Mapping[int, EvalSet], pad_token_id: int
-) -> dict[str, dict[str, float]]:
-    """client id -> loss, perplexity and tokens of `model` on that client's own held-out data."""
-    out = {}
-    for client, eval_set in sets.items():
-        r = evaluate_loss(model, eval_set, pad_token_id)
-        out[str(client)] = {"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"]}
-    return out
 
 
 def lost_note(held: HeldOut, cfg: Config) -> str | None:

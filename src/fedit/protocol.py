@@ -106,6 +106,9 @@ class Task:
     # > 0: do not train; answer with the loss of `adapter` on this many of the client's
     # examples (a selection rule's probe, e.g. Power-of-Choice).
     probe: int = 0
+    # Do not train: answer with the loss of `adapter` (and of the client's personal model)
+    # on the client's own held-out records (data.client_test_fraction).
+    own_eval: bool = False
 
     def to_payload(self) -> Payload:
         p = Payload()
@@ -115,6 +118,7 @@ class Task:
                         rank=-1 if self.plan.rank is None else int(self.plan.rank),
                         secure=self.secure, clip_norm=float(self.clip_norm),
                         noise_std=float(self.noise_std), probe=int(self.probe),
+                        own_eval=self.own_eval,
                         max_steps=-1 if self.plan.max_steps is None else int(self.plan.max_steps),
                         partial=self.plan.partial)  # fmt: skip
         p.arrays["adapter"] = _to_numpy(self.adapter, p.values, "adapter")
@@ -139,7 +143,7 @@ class Task:
         return cls(int(v["round"]), int(v["client"]), _to_torch(p, "adapter"), plan,
                    str(v.get("run_id", "")), bool(v.get("secure", False)),
                    float(v.get("clip_norm", 0.0)), float(v.get("noise_std", 0.0)),
-                   int(v.get("probe", 0)))  # fmt: skip
+                   int(v.get("probe", 0)), bool(v.get("own_eval", False)))  # fmt: skip
 
 
 @dataclass

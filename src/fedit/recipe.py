@@ -31,18 +31,10 @@ from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_par
 from fedit.data.prompts import TEMPLATES
 from fedit.data.records import DataError
 from fedit.engines import Engine
-from fedit.fairness import fairness, spread
+from fedit.fairness import fairness
 from fedit.files import append_line, atomic_json, atomic_lines, atomic_text, writable_folder
 from fedit.fingerprint import changed, fingerprints
-from fedit.heldout import (
-    EvalSet,
-    HeldOut,
-    client_sets,
-    evaluate_loss,
-    heldout_set,
-    lost_note,
-    own_data_losses,
-)
+from fedit.heldout import HeldOut, evaluate_loss, heldout_set, lost_note
 from fedit.lora import (
     AdapterState,
     LoraModel,
@@ -91,7 +83,7 @@ def run_federation(
     out = writable_folder(Path(out_dir), "run folder") if out_dir is not None else None
     prints = fingerprints(cfg) if out is not None else {}
     ckpt = _resume_point(cfg, out, resume, progress, prints)
-    run = setup_run(cfg, progress, engine)
+    run = setup_run(cfg, progress, engine, out / "client-state" if out is not None else None)
     try:
         return _rounds(run, out, ckpt, progress, prints)
     finally:
@@ -108,24 +100,25 @@ class Setup:
     held: HeldOut
     engine: Engine
     server: Server
-    own: dict[int, EvalSet] = field(default_factory=dict)  # each client's own held-out data
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, rnd: int = 0, run_id: str = "") -> dict[str, Any]:
         set_adapter(self.lm.model, self.server.global_state)
         result = evaluate_loss(self.lm.model, self.held.eval_set, self.lm.pad_id)
         result["fairness"] = fairness(result, self.server.categories)
-        if self.own:  # the global adapter on each client's own held-out examples
-            losses = own_data_losses(self.lm.model, self.own, self.lm.pad_id)
-            result["own_data"] = {
-                "clients": losses,
-                **spread({c: v["loss"] for c, v in losses.items()}),
-            }
+        if self.cfg.data.client_test_fraction:  # each client scores on its own held-out data
+            result["own_data"] = self.server.evaluate_own(rnd, self.engine, run_id)
         return result
 
 
-def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | None = None) -> Setup:
+def setup_run(
+    cfg: Config,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+    state_dir: Path | None = None,
+) -> Setup:
     """Read and split the data, load the model, tokenize the held-out split, build the engine
-    (clients here unless `engine` is given) and the server."""
+    (clients here unless `engine` is given, their own state under `state_dir`) and the
+    server."""
     progress = progress or Progress(enabled=False)
     check_names(cfg)
     if cfg.privacy.secure_aggregation and engine is None:
@@ -150,15 +143,20 @@ def setup_run(cfg: Config, progress: Progress | None = None, engine: Engine | No
         progress.log(note)
     if engine is None:
         check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
-        engine = local_engine(cfg, lm, partition, progress)
+        engine = local_engine(cfg, lm, partition, progress, state_dir)
     server = Server(
         cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories
     )
-    own = client_sets(partition.client_tests, lm.tokenizer, cfg)
-    return Setup(cfg, partition, lm, held, engine, server, own)
+    return Setup(cfg, partition, lm, held, engine, server)
 
 
-def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Progress) -> Engine:
+def local_engine(
+    cfg: Config,
+    lm: LoraModel,
+    partition: Partition,
+    progress: Progress,
+    state_dir: Path | None = None,
+) -> Engine:
     """The clients of `partition` on this machine: in this process, or in a worker pool."""
     if cfg.federation.workers > 1:
         from fedit.engines.pool import WorkerPool
@@ -167,7 +165,9 @@ def local_engine(cfg: Config, lm: LoraModel, partition: Partition, progress: Pro
         return WorkerPool(cfg, [len(c) for c in partition.clients], counts)
     from fedit.engines.inprocess import InProcess
 
-    return InProcess(ClientRuntime(cfg, lm, dict(enumerate(partition.clients)), progress))
+    clients = dict(enumerate(partition.clients))
+    own = partition.client_tests
+    return InProcess(ClientRuntime(cfg, lm, clients, progress, own=own, state_dir=state_dir))
 
 
 def _rounds(
@@ -225,7 +225,7 @@ def _loop(
     rounds = cfg.federation.rounds
     evaluating = bool(cfg.eval.every and held.examples)
     if start == 1 and evaluating and cfg.eval.at_start:
-        row: dict[str, Any] = {"round": 0, "clients": [], "eval": run.evaluate()}
+        row: dict[str, Any] = {"round": 0, "clients": [], "eval": run.evaluate(0, run_id)}
         progress.log(f"round 0 (base): held-out loss {row['eval']['loss']:.4f}")
         history.append(row)
         if metrics:
@@ -242,7 +242,7 @@ def _loop(
         row = server.run_round(rnd, engine, run_id)
         if evaluating and (rnd % cfg.eval.every == 0 or rnd == rounds):
             t = time.perf_counter()
-            row["eval"] = run.evaluate()
+            row["eval"] = run.evaluate(rnd, run_id)
             row["time"]["eval"] = time.perf_counter() - t
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
@@ -289,7 +289,7 @@ def _loop(
             "history": history,
             "partition": stats["heterogeneity"],
         }
-        last = next((h["eval"] for h in reversed(history) if h.get("eval")), {})
+        last: dict[str, Any] = next((h["eval"] for h in reversed(history) if h.get("eval")), {})
         if "own_data" in last:  # how the final global adapter serves each client's own data
             summary["own_data"] = last["own_data"]
         if privacy is not None:

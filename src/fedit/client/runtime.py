@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from fedit.client.personal import PERSONALIZERS
 from fedit.client.train import train_local
 from fedit.compression import Codec
 from fedit.config import Config
@@ -45,8 +46,11 @@ class ClientStore:
     so it survives the node's worker and the server restarting.
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, cache: bool = True) -> None:
         self.folder = folder
+        # With a folder and no cache, states live on disk only: a run with thousands of
+        # clients never holds them all in memory.
+        self.cache = cache or folder is None
         self.mem: dict[int, dict[int, AdapterState]] = {}
         self.secrets: dict[int, tuple[int, ...]] = {}
 
@@ -80,7 +84,8 @@ class ClientStore:
             self.mem.get(client, {}).pop(old, None)
             if self.folder is not None:
                 (self._client_dir(client) / f"round_{old:04d}.safetensors").unlink(missing_ok=True)
-        self.mem.setdefault(client, {})[rnd] = state
+        if self.cache:
+            self.mem.setdefault(client, {})[rnd] = state
         if self.folder is not None:
             path = self._client_dir(client) / f"round_{rnd:04d}.safetensors"
             with atomic_file(path, binary=True) as f:
@@ -156,14 +161,20 @@ class ClientRuntime:
         data: Mapping[int, Sequence[Record]],
         progress: Progress | None = None,
         store: ClientStore | None = None,
+        own: Mapping[int, Sequence[Record]] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.lm = lm
         self.data = data
+        self.own = own or {}  # each client's own held-out records (data.client_test_fraction)
         self.progress = progress or Progress(enabled=False)
         self.store = store or ClientStore()
         self.codec = Codec.from_config(cfg.compression)
+        self.personalizer = PERSONALIZERS.get(cfg.personalization.method)(cfg)
+        self.personal = ClientStore(state_dir / "personal" if state_dir else None, cache=False)
         self._examples: dict[int, list[Example]] = {}
+        self._own_sets: dict[int, EvalSet | None] = {}
 
     @property
     def model(self) -> object:
@@ -199,19 +210,29 @@ class ClientRuntime:
             self._examples[client] = examples
         return self._examples[client]
 
+    def use_store_folder(self, folder: Path) -> None:
+        """A Flower node: its client's state (residuals, personal state) on its own disk."""
+        self.store = ClientStore(folder)
+        self.personal = ClientStore(folder / "personal", cache=False)
+
     def train(self, task: Task, slot: str = "") -> Update:
         """One client's local training from the task's adapter under its plan."""
         if task.probe:
             return self._probe(task)
+        if task.own_eval:
+            return self._own_eval(task)
         rounds = self.cfg.federation.rounds
 
         def on_step(step: int, total: int, loss: float) -> None:
             self.progress.step(task.round, rounds, slot, task.client, step, total, loss)
 
+        how = self.personalizer
+        personal = self.personal.get(task.client, task.round) if how.keeps_state else None
+        examples = self.examples(task.client)
         update = train_local(
             self.lm.model,
-            task.adapter,
-            self.examples(task.client),
+            how.start(task, personal),
+            examples,
             self.cfg.client,
             client_id=task.client,
             seed=derive_seed(self.cfg.seed, "client", task.round, task.client),
@@ -219,7 +240,43 @@ class ClientRuntime:
             on_step=on_step,
             plan=task.plan,
         )
+        if update.metrics.get("straggler"):
+            return update
+        kept = how.after(self.lm.model, task, update, examples, personal, self.lm.pad_id)
+        if kept is not None:  # stays here: stamped by round, never in a message
+            self.personal.put(task.client, task.round, kept)
+        update.state = how.outgoing(update.state)
         return self._encode(task, update)
+
+    def _own_set(self, client: int) -> EvalSet | None:
+        if client not in self._own_sets:
+            d = self.cfg.data
+            records = self.own.get(client) or []
+            examples, _ = tokenize_records(
+                records, self.lm.tokenizer, d.template, d.cutoff_len, False
+            )
+            self._own_sets[client] = (
+                EvalSet.build(examples, self.cfg.eval.micro_batch_size) if examples else None
+            )
+        return self._own_sets[client]
+
+    def _own_eval(self, task: Task) -> Update:
+        """The loss of the global adapter, and of the client's personal model, on the client's
+        own held-out records; only the two numbers leave the client."""
+        own = self._own_set(task.client)
+        metrics: dict[str, float] = {}
+        if own is not None:
+            model, pad = self.lm.model, self.lm.pad_id
+            set_adapter(model, task.adapter)
+            scored = evaluate_loss(model, own, pad)
+            metrics.update(own_loss=scored["loss"], own_tokens=float(scored["tokens"]))
+            how = self.personalizer
+            personal = self.personal.get(task.client, task.round + 1) if how.keeps_state else None
+            mine = how.model(model, task, self.examples(task.client), personal, pad)
+            if mine is not None:
+                set_adapter(model, mine)
+                metrics["personal_loss"] = evaluate_loss(model, own, pad)["loss"]
+        return Update(task.client, {}, len(self.data.get(task.client, [])), 0, metrics)
 
     def _probe(self, task: Task) -> Update:
         """The loss of the task's adapter on `task.probe` of the client's examples (seeded by

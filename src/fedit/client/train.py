@@ -34,12 +34,14 @@ def train_local(
     pad_token_id: int,
     on_step: StepCallback | None = None,
     plan: ClientPlan | None = None,
+    anchor: AdapterState | None = None,
 ) -> Update:
     """Load `adapter`, train it on `examples` with AdamW, return the new adapter state.
 
     The loss of a step is the mean over all target tokens of its micro-batches, so gradient
     accumulation gives the same step as one big batch. Batch order and dropout are fixed by
-    `seed`; the global RNG state is restored on return.
+    `seed`; the global RNG state is restored on return. The proximal term of `plan.prox_mu`
+    pulls toward `anchor` (Ditto: the global adapter) or, by default, toward `adapter`.
     """
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
@@ -62,7 +64,12 @@ def train_local(
         by_key[k].requires_grad_(False)
     trained = {k: p for k, p in by_key.items() if k not in frozen}
     params = list(trained.values())
-    anchor = {k: p.detach().clone() for k, p in trained.items()} if plan.prox_mu else {}
+    if not plan.prox_mu:
+        anchor = {}
+    elif anchor is not None:
+        anchor = {k: anchor[k].to(p.device, p.dtype) for k, p in trained.items()}
+    else:
+        anchor = {k: p.detach().clone() for k, p in trained.items()}
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         _SCHEDULES[cfg.lr_scheduler],

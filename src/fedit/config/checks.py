@@ -88,9 +88,39 @@ def _check_secure(cfg: Config) -> None:
             )
 
 
+def _check_personal(cfg: Config) -> None:
+    method = cfg.personalization.method
+    if cfg.data.client_test_fraction and cfg.privacy.clip_norm:
+        raise ConfigError(
+            "data.client_test_fraction: each client's own-data loss would leave the client "
+            "outside the DP guarantee (privacy.clip_norm); evaluate on the global test split"
+        )
+    if method == "none":
+        return
+    if cfg.federation.workers > 1:
+        raise ConfigError(
+            f"personalization.method={method!r}: runs with federation.workers=1 (in this "
+            "process) or over Flower, where each client keeps its personal state on its node"
+        )
+    if method == "fedsa":
+        s = cfg.strategy
+        if s.lora_aggregation != "naive" or cfg.lora.client_ranks:
+            raise ConfigError(
+                "personalization.method='fedsa' shares A and keeps B: it needs "
+                f"strategy.lora_aggregation='naive' and no lora.client_ranks (got "
+                f"{s.lora_aggregation!r})"
+            )
+        if cfg.privacy.secure_aggregation or cfg.privacy.clip_norm:
+            raise ConfigError(
+                "personalization.method='fedsa': not with secure aggregation or DP yet "
+                "(both would have to cover A alone)"
+            )
+
+
 def check_sections(cfg: Config) -> None:
     """Combinations of keys that cannot work together, named by their keys."""
     _check_faults(cfg)
+    _check_personal(cfg)
     k = cfg.federation.clients_per_round
     if isinstance(k, int) and cfg.federation.min_clients > k:
         raise ConfigError(

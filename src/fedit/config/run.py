@@ -209,3 +209,24 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         check(self.block_size >= 1, "compression.block_size", "must be >= 1")
         check(0 < self.topk_ratio <= 1, "compression.topk_ratio", "must be in (0, 1]")
+
+
+@dataclass
+class PersonalizationConfig:
+    method: Literal["none", "finetune", "ditto", "fedsa"] = opt(
+        "none",
+        "A model per client beside the global one: 'finetune' (the final global adapter tuned "
+        "on each client's data), 'ditto' (a personal adapter pulled toward the global one), "
+        "'fedsa' (FedSA-LoRA: A shared, B kept on the client). Scored on "
+        "data.client_test_fraction.",
+    )
+    ditto_lambda: float = opt(0.1, "ditto: weight of the proximal term lambda/2 ||v - w||^2.")
+    finetune_steps: int = opt(
+        0, "finetune: local steps on the final global adapter (0 = client.max_steps)."
+    )
+    finetune_lr: float = opt(0.0, "finetune: learning rate (0 = client.lr).")
+
+    def __post_init__(self) -> None:
+        check(self.ditto_lambda >= 0, "personalization.ditto_lambda", "must be >= 0")
+        check(self.finetune_steps >= 0, "personalization.finetune_steps", "must be >= 0")
+        check(self.finetune_lr >= 0, "personalization.finetune_lr", "must be >= 0")

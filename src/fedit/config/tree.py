@@ -14,6 +14,7 @@ from fedit.config.run import (
     EvalConfig,
     FaultsConfig,
     FlowerConfig,
+    PersonalizationConfig,
     PrivacyConfig,
     SystemConfig,
 )
@@ -49,6 +50,7 @@ class Config:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
 
     def __post_init__(self) -> None:
         check_sections(self)

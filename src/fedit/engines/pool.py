@@ -31,7 +31,8 @@ def _init(config: dict[str, Any], threads: int) -> None:
     cfg = variant(config_from_dict(config), model={"threads": threads})
     torch.set_num_threads(threads)
     partition = load_partition(cfg)
-    _RUNTIME = ClientRuntime(cfg, load_lora_model(cfg), dict(enumerate(partition.clients)))
+    clients = dict(enumerate(partition.clients))
+    _RUNTIME = ClientRuntime(cfg, load_lora_model(cfg), clients, own=partition.client_tests)
 
 
 def _handle(payload: Payload) -> Payload:

@@ -18,6 +18,7 @@ import torch
 from fedit.compression import Codec
 from fedit.config import Config, ConfigError
 from fedit.errors import FeditError
+from fedit.fairness import spread
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
@@ -208,6 +209,38 @@ class Server:
         for f in faults:
             self.progress.log(f"round {rnd}: client {f['client']} excluded: {f['reason']}")
         return accepted, faults
+
+    def evaluate_own(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
+        """Every client scores the global adapter, and its personal model, on its own held-out
+        records; only those losses come back. The spread over clients, and the share of
+        clients whose personal model beats the global one (helped) or loses to it (hurt)."""
+        g = self.global_state
+        tasks = [Task(rnd, c, g, ClientPlan(), run_id, own_eval=True)
+                 for c in range(self.num_clients)]  # fmt: skip
+        clients: dict[str, dict[str, float]] = {}
+        for client, result in engine.launch(tasks):
+            try:
+                m = result().metrics
+            except FeditError:
+                raise
+            except Exception as e:  # a client that cannot answer is left out, and said so
+                self.progress.log(f"round {rnd}: client {client} own-data evaluation failed: {e}")
+                continue
+            if "own_loss" in m:
+                row = {"loss": m["own_loss"], "tokens": m["own_tokens"]}
+                if "personal_loss" in m:
+                    row["personal"] = m["personal_loss"]
+                clients[str(client)] = row
+        out: dict[str, Any] = {
+            "clients": clients,
+            **spread({c: v["loss"] for c, v in clients.items()}),
+        }
+        mine = {c: v["personal"] for c, v in clients.items() if "personal" in v}
+        if mine:
+            out["personal"] = spread(mine)
+            out["helped"] = sum(mine[c] < clients[c]["loss"] for c in mine) / len(mine)
+            out["hurt"] = sum(mine[c] > clients[c]["loss"] for c in mine) / len(mine)
+        return out
 
     def run_round(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
         if self.cfg.privacy.secure_aggregation:

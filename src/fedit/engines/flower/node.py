@@ -166,6 +166,7 @@ class NodeState:
             cfg = variant(cfg, data={"path": str(data_path), "max_records": 0})
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
             records, _ = load_records(cfg.data)
+            own = {}  # its own held-out split: the records it trains on are all it has
         else:
             if "partition-id" not in node_config:
                 raise RuntimeError(
@@ -173,7 +174,9 @@ class NodeState:
                     "'data-path' (this node's own records, with 'client-id')"
                 )
             self.client_id = int(node_config["partition-id"])
-            clients = load_partition(cfg).clients
+            partition = load_partition(cfg)
+            clients = partition.clients
+            own = {c: r for c, r in partition.client_tests.items() if c == self.client_id}
             if not 0 <= self.client_id < len(clients):
                 raise RuntimeError(
                     f"partition-id {self.client_id} is not a client of the partition "
@@ -184,7 +187,7 @@ class NodeState:
             torch.set_num_threads(cfg.model.threads)
         lm = load_lora_model(cfg)
         check_client_data({self.client_id: records}, lm.tokenizer, cfg)  # at hello: before round 1
-        self.runtime = ClientRuntime(cfg, lm, {self.client_id: records})
+        self.runtime = ClientRuntime(cfg, lm, {self.client_id: records}, own=own)
         self.model_loads += 1
         self.config_json = config_json
         self.num_records = len(records)
@@ -203,7 +206,6 @@ class NodeState:
         }
 
     def train(self, p: dict[str, Any]) -> Any:
-        from fedit.client.runtime import ClientStore
 
         self.setup(p["config"], p["node_config"])
         payload = p["payload"]
@@ -214,7 +216,7 @@ class NodeState:
         run_id = str(payload.values.get("run_id", ""))
         if run_id != self.run_id:  # the client's own state, on this node's disk, per run
             folder = self.state_root / "fedit-client-state" / (run_id or "unnamed")
-            self.runtime.store = ClientStore(folder)
+            self.runtime.use_store_folder(folder)
             self.run_id = run_id
         reply = self.runtime.handle(payload, "node")
         reply.values["metric.model_loads"] = float(self.model_loads)

@@ -1,0 +1,136 @@
+"""Personalized FedIT: what a client keeps for itself beside the global adapter.
+
+A method (`personalization.method`) decides what a client trains from, what it keeps (its
+personal state, in the client's own store: on the client's disk, stamped by round, never in
+any message) and what it sends. The server side is plain FedAvg over what arrives.
+
+- `none`: FedIT; the personal model is the global one.
+- `finetune`: after the federation each client fine-tunes the final global adapter on its own
+  data (`personalization.finetune_steps`); nothing is kept during the rounds.
+- `ditto` (Li et al., ICML 2021): beside its global update, a client trains its personal
+  adapter v on its own data with the proximal term lambda/2 ||v - w_global||^2
+  (`personalization.ditto_lambda`), starting from its last v (the global adapter at first).
+- `fedsa` (FedSA-LoRA, Guo et al., ICLR 2025): A is shared and averaged, B stays local; a
+  client trains from the global A and its own B and sends A only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from fedit.client.train import train_local
+from fedit.lora import AdapterState
+from fedit.protocol import ClientPlan, Task, Update
+from fedit.registry import Registry
+from fedit.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedit.config import Config
+    from fedit.data.prompts import Example
+
+PERSONALIZERS: Registry[Callable[[Config], Personalizer]] = Registry("personalization method")
+
+
+def is_b(key: str) -> bool:
+    return ".lora_B." in key
+
+
+class Personalizer:
+    """`none`: the global adapter is every client's model; nothing is kept."""
+
+    keeps_state = False
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.p = cfg.personalization
+
+    def start(self, task: Task, personal: AdapterState | None) -> AdapterState:
+        """The adapter the client's round of training starts from."""
+        return task.adapter
+
+    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        """The personal state to keep after this round (None: keep nothing new)."""
+        return None
+
+    def outgoing(self, state: AdapterState) -> AdapterState:
+        """What of the trained adapter is sent to the server."""
+        return state
+
+    def model(self, model: Any, task: Task, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        """The client's personal adapter to evaluate (None: it has none beyond the global)."""
+        return None
+
+
+@PERSONALIZERS.register("none")
+def _none(cfg: Config) -> Personalizer:
+    return Personalizer(cfg)
+
+
+class FineTune(Personalizer):
+    def model(self, model: Any, task: Task, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        if task.round < self.cfg.federation.rounds:
+            return None  # only the final global adapter is fine-tuned
+        steps = self.p.finetune_steps or self.cfg.client.max_steps
+        client = replace(
+            self.cfg.client, max_steps=steps, lr=self.p.finetune_lr or self.cfg.client.lr
+        )
+        seed = derive_seed(self.cfg.seed, "finetune", task.client)
+        return train_local(model, task.adapter, examples, client, client_id=task.client,
+                           seed=seed, pad_token_id=pad_id).state  # fmt: skip
+
+
+@PERSONALIZERS.register("finetune")
+def _finetune(cfg: Config) -> Personalizer:
+    return FineTune(cfg)
+
+
+class Ditto(Personalizer):
+    keeps_state = True
+
+    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        seed = derive_seed(self.cfg.seed, "ditto", task.round, task.client)
+        return train_local(
+            model, personal if personal is not None else task.adapter, examples, self.cfg.client,
+            client_id=task.client, seed=seed, pad_token_id=pad_id,
+            plan=ClientPlan(prox_mu=self.p.ditto_lambda), anchor=task.adapter,
+        ).state  # fmt: skip
+
+    def model(self, model: Any, task: Task, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        return personal
+
+
+@PERSONALIZERS.register("ditto")
+def _ditto(cfg: Config) -> Personalizer:
+    return Ditto(cfg)
+
+
+class FedSA(Personalizer):
+    keeps_state = True
+
+    def start(self, task: Task, personal: AdapterState | None) -> AdapterState:
+        if personal is None:
+            return task.adapter
+        return {k: personal[k] if is_b(k) else v for k, v in task.adapter.items()}
+
+    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        return {k: v for k, v in update.state.items() if is_b(k)}
+
+    def outgoing(self, state: AdapterState) -> AdapterState:
+        return {k: v for k, v in state.items() if not is_b(k)}
+
+    def model(self, model: Any, task: Task, examples: list[Example],
+              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+        return self.start(task, personal) if personal is not None else None
+
+
+@PERSONALIZERS.register("fedsa")
+def _fedsa(cfg: Config) -> Personalizer:
+    return FedSA(cfg)
