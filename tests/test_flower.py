@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedit.cli import main
 from fedit.config import ConfigError, load_config, to_toml
@@ -90,14 +91,17 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
 
 
 def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
-    """Each node keeps its client's residual on its own disk: a server restart (new Flower
-    run, new node workers) continues exactly where an uninterrupted run would be."""
+    """Each node keeps its client's residual and its Ditto personal adapter on its own disk:
+    a server restart (new Flower run, new node workers) continues exactly where an
+    uninterrupted run would be, and each client scores both models on its own held-out data."""
     path, cfg = _config(
         tmp_path,
+        data={"client_test_fraction": 0.25},
         partition={"num_clients": 2},
         federation={"rounds": 3},
         compression={"method": "topk", "topk_ratio": 0.2},
-        eval={"every": 0},
+        personalization={"method": "ditto"},
+        eval={"every": 3, "at_start": False},
     )
     out = tmp_path / "flower-run"
     two = ["--set", "federation.rounds=2"]
@@ -108,6 +112,20 @@ def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
     for k, v in sim.adapter.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
+    own = json.loads((out / "summary.json").read_text())["own_data"]
+    want = sim.history[-1]["eval"]["own_data"]
+    assert set(own["clients"]) == set(want["clients"]) == {"0", "1"}
+    for c, v in want["clients"].items():
+        assert abs(own["clients"][c]["personal"] - v["personal"]) < 1e-5
+    # The personal adapters sit in the nodes' state folders, as in the simulation's run folder.
+    node_files = sorted((out / "flower" / "nodes").rglob("personal/client_*/round_*.safetensors"))
+    sim_files = sorted((tmp_path / "sim" / "client-state").rglob("round_*.safetensors"))
+    assert [f.parent.name + f.name for f in node_files] == [
+        f.parent.name + f.name for f in sim_files
+    ]
+    for a, b in zip(node_files, sim_files, strict=True):
+        for k, v in load_file(str(b)).items():
+            torch.testing.assert_close(load_file(str(a))[k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_secure_aggregation_equals_plain_fedavg_within_quantization(tmp_path: Path) -> None:
