@@ -32,11 +32,11 @@ def test_client_test_fraction_holds_out_each_clients_own_records(data_file: Path
         assert sorted(map(repr, own + train)) == sorted(map(repr, recs))
         assert not {repr(r) for r in own} & {repr(r) for r in train}  # never trained on
     assert load_partition(cfg).client_tests == split.client_tests  # seeded, stable
-    # A local-only arm keeps its client's own test under the client's id; pooled keeps all.
+    # A local-only arm keeps its client's own test, numbered as its clients are.
     only = load_partition(variant(cfg, partition={"only": [2]}))
-    assert list(only.client_tests) == [2] and only.client_tests[2] == split.client_tests[2]
+    assert only.client_tests == {0: split.client_tests[2]} and only.clients == [split.clients[2]]
     pooled = load_partition(variant(cfg, partition={"pooled": True}))
-    assert pooled.client_tests == split.client_tests and len(pooled.clients) == 1
+    assert pooled.client_tests == {} and len(pooled.clients) == 1
 
 
 def test_own_data_evaluation_in_metrics_and_summary(tmp_path: Path, data_file: Path) -> None:
@@ -126,14 +126,13 @@ def test_each_method_keeps_its_state_home_and_resumes_exactly(
     else:
         assert any(any(".lora_B." in k for k in s) for s in trained)
     personal = _personal_files(tmp_path / "whole")
-    if method == "finetune":
-        assert personal == {}
-    else:
-        assert personal
-        # The personal state is in no message, either way.
-        wire = [v for p in rec.sent + rec.received for g in p.arrays.values() for v in g.values()]
-        for v in personal.values():
-            assert not any(w.shape == tuple(v.shape) and np.array_equal(w, v.numpy()) for w in wire)
+    assert personal
+    if method == "finetune":  # made at the final evaluation, kept for --client N
+        assert all("/round_0003.safetensors/" in k for k in personal)
+    # The personal state is in no message, either way.
+    wire = [v for p in rec.sent + rec.received for g in p.arrays.values() for v in g.values()]
+    for v in personal.values():
+        assert not any(w.shape == tuple(v.shape) and np.array_equal(w, v.numpy()) for w in wire)
     # Interrupted after round 2 and resumed: the same global adapter and personal states.
     _run(tmp_path / "cut", cfg, 2)
     resumed, _ = _run(tmp_path / "cut", cfg, 3, resume=True)
@@ -186,3 +185,63 @@ def test_personalization_refusals(data_file: Path) -> None:
                     strategy={"lora_aggregation": "ffa"})  # fmt: skip
     with pytest.raises(ConfigError, match="workers"):
         tiny_config(data_file, personalization={"method": "ditto"}, federation={"workers": 2})
+
+
+def test_personal_models_answer_and_export(
+    tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedit.cli import main
+    from fedit.lora import load_adapter_state
+
+    cfg = tiny_config(data_file, data={"client_test_fraction": 0.25},
+                      personalization={"method": "fedsa"}, client={"lr": 0.2})  # fmt: skip
+    run = tmp_path / "run"
+    run_federation(cfg, run)
+    sampled = sorted({c for h in json.loads((run / "summary.json").read_text())["history"]
+                      for c in h["clients"]})  # fmt: skip
+    client = sampled[0]
+    ask = ["generate", str(run), "--prompt", "Tell me about the river.", "--max-new-tokens", "8"]
+    assert main(ask) == 0
+    global_answer = capsys.readouterr().out
+    assert main([*ask, "--client", str(client)]) == 0
+    assert capsys.readouterr().out != global_answer  # its own B, not the global zero B
+    out = tmp_path / "export"
+    assert (
+        main(["export", str(run), "--out", str(out), "--adapter-only", "--client", str(client)])
+        == 0
+    )
+    state = load_adapter_state(out)
+    files = sorted(
+        (run / "client-state" / "personal" / f"client_{client:04d}").glob("*.safetensors")
+    )
+    mine = load_file(str(files[-1]))
+    glob = load_adapter_state(run / "adapter")
+    for k, v in state.items():
+        assert torch.equal(v, mine[k] if ".lora_B." in k else glob[k])
+    never = next(c for c in range(4) if c not in sampled) if len(sampled) < 4 else None
+    if never is not None:  # a client that never trained has no personal model, and is told so
+        assert main([*ask, "--client", str(never)]) == 2
+        assert "no personal model" in capsys.readouterr().err
+
+
+def test_compare_scores_every_arm_on_each_clients_own_data(tmp_path: Path, data_file: Path) -> None:
+    from fedit.cli import main
+    from fedit.config import to_toml
+
+    cfg = tiny_config(data_file, data={"client_test_fraction": 0.25}, generate={"per_category": 0},
+                      compare={"arms": ["base", "local", "fedit", "ditto"], "local_clients": 2})  # fmt: skip
+    path = tmp_path / "cmp.toml"
+    path.write_text(to_toml(cfg))
+    out = tmp_path / "compare"
+    assert main(["compare", str(path), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    own = results["own_data"]
+    assert set(own) == {"base", "fedit", "ditto (global)", "ditto", "local"}
+    assert set(own["fedit"]) == {"0", "1", "2", "3"} and len(own["local"]) == 2
+    # The fedit arm scored here equals what its clients reported in the run itself.
+    run = json.loads((out / "fedit" / "summary.json").read_text())["own_data"]["clients"]
+    assert all(abs(own["fedit"][c] - run[c]["loss"]) < 1e-9 for c in run)
+    table = (out / "results.md").read_text()
+    assert (
+        "Each client's own held-out data" in table and "| **worst** |" in table and "Ditto" in table
+    )

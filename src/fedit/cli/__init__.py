@@ -30,6 +30,10 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="adapter folder (default: the run's adapter/)")
     which.add_argument("--base", action="store_true", help="the base model alone, no adapter")
+    which.add_argument(
+        "--client", type=int, metavar="N",
+        help="client N's personal model (a run with personalization.method set)",
+    )  # fmt: skip
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key (repeatable)",
@@ -111,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         "the base model is also served as 'base'",
     )  # fmt: skip
     srv.add_argument("--adapter", help="adapter folder for a single SOURCE (default its adapter/)")
+    srv.add_argument(
+        "--client", type=int, action="append", default=[], metavar="N",
+        help="also serve client N's personal model of each run SOURCE as NAME/client-N "
+        "(repeatable)",
+    )  # fmt: skip
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")
     srv.add_argument("--model-id", help="model name of a single SOURCE (default: its folder name)")
@@ -126,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("source", help="a run folder (its config.toml and adapter/)")
     exp.add_argument("--out", required=True, help="folder to write (new, empty, or an export)")
     exp.add_argument("--adapter", help="adapter folder (default: the run's adapter/)")
+    exp.add_argument("--client", type=int, metavar="N", help="client N's personal model")
     exp.add_argument(
         "--adapter-only", action="store_true",
         help="the PEFT adapter with tokenizer, model card and prompt format, not merged",
@@ -298,10 +308,16 @@ def _cmd_flower_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedit.cli.answers import personal_folder
     from fedit.export import export
 
     adapter = Path(args.adapter) if args.adapter else None
-    export(args.source, Path(args.out), adapter, args.adapter_only, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="fedit-personal-") as tmp:
+        if args.client is not None:
+            adapter = personal_folder(Path(args.source), args.client, Path(tmp), adapter)
+        export(args.source, Path(args.out), adapter, args.adapter_only, args.dtype)
     return 0
 
 

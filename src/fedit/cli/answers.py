@@ -15,10 +15,43 @@ if TYPE_CHECKING:
     from fedit.inference import Loaded
 
 
+def personal_folder(run: Path, client: int, tmp: Path, adapter: Path | None = None) -> Path:
+    """Client `client`'s personal model of `run` as a PEFT folder under `tmp`."""
+    from fedit.client.personal import personal_adapter
+    from fedit.inference import resolve_source
+    from fedit.lora import ADAPTER_FILE, CONFIG_FILE, load_adapter_state
+
+    cfg, default = resolve_source(run)
+    source = adapter or default
+    state = personal_adapter(cfg, run, client, load_adapter_state(source))
+    folder = tmp / f"client-{client}"
+    folder.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(folder / ADAPTER_FILE),
+        metadata={"format": "pt"},
+    )
+    (folder / CONFIG_FILE).write_bytes((source / CONFIG_FILE).read_bytes())
+    return folder
+
+
 def load_source(args: argparse.Namespace) -> Loaded:
     from fedit.inference import load_for_inference, resolve_source
 
     cfg, default_adapter = resolve_source(args.source, args.overrides)
+    if getattr(args, "client", None) is not None:
+        from fedit.client.personal import personal_adapter
+        from fedit.inference import use_adapter
+        from fedit.lora import load_adapter_state
+
+        loaded = load_for_inference(cfg, default_adapter)
+        state = personal_adapter(
+            cfg, Path(args.source), args.client, load_adapter_state(default_adapter)
+        )
+        use_adapter(loaded, state, Path(f"{default_adapter} (client {args.client}'s model)"))
+        return loaded
     if args.base:
         adapter = None
     elif args.adapter:
@@ -162,8 +195,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         _line_editing()
-    print(f"chatting with {loaded.label} (template {cfg.data.template}); /help for commands, "
-          "Ctrl-D quits", file=sys.stderr)  # fmt: skip
+    print(
+        f"chatting with {loaded.label} (template {cfg.data.template}); /help for commands, "
+        "Ctrl-D quits",
+        file=sys.stderr,
+    )
     messages: list[dict[str, str]] = []
     limit = max(cfg.data.cutoff_len, 2048)
     while True:
@@ -195,11 +231,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("model> ", end="", flush=True)
         try:
             answer = stream_answer(
-                loaded.model, tok, ids, args.max_new_tokens or cfg.generate.max_new_tokens,
-                temperature=args.temperature, seed=cfg.seed + len(messages),
+                loaded.model,
+                tok,
+                ids,
+                args.max_new_tokens or cfg.generate.max_new_tokens,
+                temperature=args.temperature,
+                seed=cfg.seed + len(messages),
                 stops=template_stops(cfg.data.template),
                 on_text=lambda t: print(t, end="", flush=True),
-            )  # fmt: skip
+            )
         except KeyboardInterrupt:
             print("\n(stopped; this turn is forgotten)", file=sys.stderr)
             messages.pop()
@@ -209,13 +249,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedit.serve import Models, bind, expand_sources, run_server
+    import tempfile
+
+    from fedit.serve import Models, Source, bind, expand_sources, run_server
 
     sources = expand_sources(args.sources, args.adapter)
     if args.model_id:
         if len(sources) != 1:
             raise ConfigError("--model-id: only with one source; name several with NAME=PATH")
         sources[0].name = args.model_id
+    tmp = tempfile.TemporaryDirectory(prefix="fedit-personal-")
+    for s in list(sources):  # each client's personal model beside its run's global adapter
+        run = Path(s.info.get("folder", ""))
+        for client in args.client:
+            folder = personal_folder(
+                run, client, Path(tmp.name) / s.name.replace("/", "_"), s.adapter
+            )
+            sources.append(Source(f"{s.name}/client-{client}", s.cfg, folder, dict(s.info)))
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     models = Models(sources, args.max_new_tokens)
 
@@ -230,4 +280,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         sock.close()
+        tmp.cleanup()
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedit.client.train import train_local
@@ -50,8 +51,15 @@ class Personalizer:
         """The adapter the client's round of training starts from."""
         return task.adapter
 
-    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def after(
+        self,
+        model: Any,
+        task: Task,
+        update: Update,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         """The personal state to keep after this round (None: keep nothing new)."""
         return None
 
@@ -59,10 +67,20 @@ class Personalizer:
         """What of the trained adapter is sent to the server."""
         return state
 
-    def model(self, model: Any, task: Task, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def model(
+        self,
+        model: Any,
+        task: Task,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         """The client's personal adapter to evaluate (None: it has none beyond the global)."""
         return None
+
+    def compose(self, global_state: AdapterState, personal: AdapterState) -> AdapterState:
+        """The client's personal model from the global adapter and its kept state."""
+        return {**global_state, **personal}
 
 
 @PERSONALIZERS.register("none")
@@ -71,8 +89,14 @@ def _none(cfg: Config) -> Personalizer:
 
 
 class FineTune(Personalizer):
-    def model(self, model: Any, task: Task, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def model(
+        self,
+        model: Any,
+        task: Task,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         if task.round < self.cfg.federation.rounds:
             return None  # only the final global adapter is fine-tuned
         steps = self.p.finetune_steps or self.cfg.client.max_steps
@@ -80,8 +104,15 @@ class FineTune(Personalizer):
             self.cfg.client, max_steps=steps, lr=self.p.finetune_lr or self.cfg.client.lr
         )
         seed = derive_seed(self.cfg.seed, "finetune", task.client)
-        return train_local(model, task.adapter, examples, client, client_id=task.client,
-                           seed=seed, pad_token_id=pad_id).state  # fmt: skip
+        return train_local(
+            model,
+            task.adapter,
+            examples,
+            client,
+            client_id=task.client,
+            seed=seed,
+            pad_token_id=pad_id,
+        ).state
 
 
 @PERSONALIZERS.register("finetune")
@@ -92,17 +123,36 @@ def _finetune(cfg: Config) -> Personalizer:
 class Ditto(Personalizer):
     keeps_state = True
 
-    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def after(
+        self,
+        model: Any,
+        task: Task,
+        update: Update,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         seed = derive_seed(self.cfg.seed, "ditto", task.round, task.client)
         return train_local(
-            model, personal if personal is not None else task.adapter, examples, self.cfg.client,
-            client_id=task.client, seed=seed, pad_token_id=pad_id,
-            plan=ClientPlan(prox_mu=self.p.ditto_lambda), anchor=task.adapter,
-        ).state  # fmt: skip
+            model,
+            personal if personal is not None else task.adapter,
+            examples,
+            self.cfg.client,
+            client_id=task.client,
+            seed=seed,
+            pad_token_id=pad_id,
+            plan=ClientPlan(prox_mu=self.p.ditto_lambda),
+            anchor=task.adapter,
+        ).state
 
-    def model(self, model: Any, task: Task, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def model(
+        self,
+        model: Any,
+        task: Task,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         return personal
 
 
@@ -119,18 +169,59 @@ class FedSA(Personalizer):
             return task.adapter
         return {k: personal[k] if is_b(k) else v for k, v in task.adapter.items()}
 
-    def after(self, model: Any, task: Task, update: Update, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def after(
+        self,
+        model: Any,
+        task: Task,
+        update: Update,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         return {k: v for k, v in update.state.items() if is_b(k)}
 
     def outgoing(self, state: AdapterState) -> AdapterState:
         return {k: v for k, v in state.items() if not is_b(k)}
 
-    def model(self, model: Any, task: Task, examples: list[Example],
-              personal: AdapterState | None, pad_id: int) -> AdapterState | None:  # fmt: skip
+    def model(
+        self,
+        model: Any,
+        task: Task,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
         return self.start(task, personal) if personal is not None else None
 
 
 @PERSONALIZERS.register("fedsa")
 def _fedsa(cfg: Config) -> Personalizer:
     return FedSA(cfg)
+
+
+def personal_files(run: Path, client: int) -> list[Path]:
+    """Client `client`'s kept states under a run folder (its own, or a Flower node's state
+    folder inside it), oldest round first."""
+    pattern = f"personal/client_{client:04d}/round_*.safetensors"
+    return sorted(run.rglob(pattern), key=lambda p: p.name)
+
+
+def personal_adapter(
+    cfg: Config, run: Path, client: int, global_state: AdapterState
+) -> AdapterState:
+    """Client `client`'s personal model of the run in `run` (for generate, serve, export)."""
+    from safetensors.torch import load_file
+
+    from fedit.config import ConfigError
+
+    method = cfg.personalization.method
+    if method == "none":
+        raise ConfigError(f"--client {client}: {run} ran without personalization (method 'none')")
+    files = personal_files(run, client)
+    if not files:
+        raise ConfigError(
+            f"--client {client}: no personal model of client {client} under {run} (method "
+            f"{method!r}: a client keeps one once it trained, or, with 'finetune', after the "
+            "final evaluation with data.client_test_fraction > 0)"
+        )
+    return PERSONALIZERS.get(method)(cfg).compose(global_state, load_file(str(files[-1])))

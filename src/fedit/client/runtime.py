@@ -274,6 +274,8 @@ class ClientRuntime:
             personal = self.personal.get(task.client, task.round + 1) if how.keeps_state else None
             mine = how.model(model, task, self.examples(task.client), personal, pad)
             if mine is not None:
+                if not how.keeps_state:  # finetune: the model is kept for later use
+                    self.personal.put(task.client, task.round, mine)
                 set_adapter(model, mine)
                 metrics["personal_loss"] = evaluate_loss(model, own, pad)["loss"]
         return Update(task.client, {}, len(self.data.get(task.client, [])), 0, metrics)

@@ -66,14 +66,16 @@ class JudgeConfig:
 class CompareConfig:
     arms: list[str] = opt(
         ["base", "local", "fedit", "centralized"],
-        "Arms of `fedit compare`: base (no tuning), local (clients alone), fedit, centralized.",
+        "Arms of `fedit compare`: base (no tuning), local (clients alone), fedit, centralized, "
+        "and personalized FedIT: finetune, ditto, fedsa (scored per client on "
+        "data.client_test_fraction).",
     )
     local_clients: int = opt(
         4, "Clients sampled for the local-only arm; each tunes alone for federation.rounds rounds."
     )
 
     def __post_init__(self) -> None:
-        known = ("base", "local", "fedit", "centralized")
+        known = ("base", "local", "fedit", "centralized", "finetune", "ditto", "fedsa")
         for i, arm in enumerate(self.arms):
             check(arm in known, f"compare.arms[{i}]", f"unknown arm {arm!r}; known: {known}")
         check(self.local_clients >= 1, "compare.local_clients", "must be >= 1")

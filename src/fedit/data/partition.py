@@ -34,7 +34,8 @@ class Partition:
     test: list[Record]
     stats: dict[str, Any]
     # `data.client_test_fraction`: each client's own held-out records (never trained on),
-    # keyed by the client's id in the full split (kept per client also when pooled).
+    # keyed as `clients` is (with partition.only, the kept clients renumbered from 0; none
+    # when pooled: the pooled client is nobody's own data).
     client_tests: dict[int, list[Record]] = field(default_factory=dict)
 
 
@@ -279,7 +280,7 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
     clients, own = _client_tests(clients, cfg.data.client_test_fraction, cfg.seed)
     kept = cfg.partition.only or range(len(clients))
     clients = _keep(clients, cfg.partition.only, cfg.partition.pooled)
-    own = {c: own[c] for c in kept if own.get(c)}
+    own = {} if cfg.partition.pooled else {i: own[c] for i, c in enumerate(kept) if own.get(c)}
     for c, recs in enumerate(clients):
         if not recs:
             raise PartitionError(

@@ -9,7 +9,13 @@ partition, the test split, the training loop and the evaluation:
   every round; mean and spread over those clients are reported;
 - fedit: the federation as configured;
 - centralized: all clients' data pooled into one client (`partition.pooled`), with the same
-  total number of optimizer steps (same batch size) as FedIT spent, spread over the same rounds.
+  total number of optimizer steps (same batch size) as FedIT spent, spread over the same rounds;
+- finetune, ditto, fedsa: FedIT with that `personalization.method`, each client's personal
+  model scored on its own held-out records.
+
+With `data.client_test_fraction`, every arm is also scored on each client's own held-out
+records (`own_data`): the global adapters here, the personal models by their clients, each
+local-only client on its own.
 
 Each arm is a run folder under the output folder; a finished arm is reused, an interrupted
 one resumes from its last checkpoint. Answers and judgments are cached the same way.
@@ -24,14 +30,18 @@ from typing import Any
 
 from fedit.config import Config, ConfigError, to_toml, variant
 from fedit.data.partition import load_partition
+from fedit.data.prompts import tokenize_records
 from fedit.evaluate.generation import Embedder
 from fedit.evaluate.scoring import generation_subset, score_model
 from fedit.files import atomic_json, atomic_text
+from fedit.heldout import EvalSet, evaluate_loss
 from fedit.inference import load_for_inference, use_adapter
 from fedit.lora import get_adapter, load_adapter_state
 from fedit.progress import Progress
 from fedit.recipe import run_federation
 from fedit.seeding import generator
+
+PERSONAL_ARMS = ("finetune", "ditto", "fedsa")
 
 
 def _finished(folder: Path, rounds: int) -> list[dict[str, Any]] | None:
@@ -121,6 +131,17 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
         arm_info["centralized"] = {"history": h, "steps": _steps(h)}
         folders["centralized"] = out / "centralized" / "adapter"
 
+    for m in PERSONAL_ARMS:
+        if m in arms:
+            if not cfg.data.client_test_fraction:
+                raise ConfigError(
+                    f"compare.arms: the personalized arm {m!r} is scored on each client's own "
+                    "held-out data; set data.client_test_fraction > 0"
+                )
+            h = run_arm(variant(cfg, personalization={"method": m}), out / m, m, progress)
+            arm_info[m] = {"history": h, "steps": _steps(h)}
+            folders[m] = out / m / "adapter"
+
     local_ids: list[int] = []
     if "local" in arms:
         local_ids = local_clients(cfg, num_clients)
@@ -183,7 +204,7 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             atomic_json(base_cache, base_eval, indent=None)
         base.pop("eval", None)
         results["arms"]["base"] = {**_loss_view(base_eval), **base, "steps": 0}
-    for name in ("fedit", "centralized"):
+    for name in ("fedit", "centralized", *PERSONAL_ARMS):
         if name in arm_info:
             info = arm_info[name]
             results["arms"][name] = {
@@ -210,11 +231,56 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             )
         results["arms"]["local"] = _local_summary(per_client)
     results["arms"] = {a: results["arms"][a] for a in arms if a in results["arms"]}
+    if cfg.data.client_test_fraction:
+        own = own_data_table(loaded, partition.client_tests, cfg, base_state, folders)
+        for name, info in arm_info.items():
+            if name in PERSONAL_ARMS:  # scored by the clients, with their personal models
+                ev = _final_eval(info["history"])["own_data"]["clients"]
+                own[name] = {c: v.get("personal", v["loss"]) for c, v in ev.items()}
+        for run in arm_info.get("local", {}).get("runs", []):
+            ev = _final_eval(run["history"]).get("own_data", {}).get("clients", {})
+            if "0" in ev:  # the local arm's only client is this client
+                own.setdefault("local", {})[str(run["client"])] = ev["0"]["loss"]
+        results["own_data"] = own
     atomic_json(out / "results.json", results)
     from fedit.evaluate.report import write_report
 
     write_report(results, out)
     return results
+
+
+def own_data_table(
+    loaded: Any,
+    own: dict[int, list[Any]],
+    cfg: Config,
+    base_state: Any,
+    folders: dict[str, Path],
+) -> dict[str, dict[str, float]]:
+    """arm -> client -> loss of the arm's global adapter on the client's own held-out data."""
+    d = cfg.data
+    sets = {}
+    for c, records in own.items():
+        examples, _ = tokenize_records(records, loaded.tokenizer, d.template, d.cutoff_len, False)
+        if examples:
+            sets[str(c)] = EvalSet.build(examples, cfg.eval.micro_batch_size)
+    states = {
+        "base": base_state,
+        **{
+            a: load_adapter_state(f)
+            for a, f in folders.items()
+            if not a.startswith("local_client_")
+        },
+    }
+    table: dict[str, dict[str, float]] = {}
+    for arm, state in states.items():
+        if arm in PERSONAL_ARMS:
+            arm = f"{arm} (global)"
+        use_adapter(loaded, state, None)
+        table[arm] = {
+            c: evaluate_loss(loaded.model, s, loaded.tokenizer.pad_token_id)["loss"]
+            for c, s in sets.items()
+        }
+    return table
 
 
 def _loss_view(ev: dict[str, Any]) -> dict[str, Any]:
@@ -267,13 +333,17 @@ def _local_summary(per_client: list[dict[str, Any]]) -> dict[str, Any]:
             m: {
                 "score": statistics.fmean(
                     j[m]["score"] for j in judged if j[m]["score"] is not None
-                ) if any(j[m]["score"] is not None for j in judged) else None,
+                )
+                if any(j[m]["score"] is not None for j in judged)
+                else None,
                 "relative": statistics.fmean(
                     j[m]["relative"] for j in judged if j[m].get("relative") is not None
-                ) if any(j[m].get("relative") is not None for j in judged) else None,
+                )
+                if any(j[m].get("relative") is not None for j in judged)
+                else None,
                 "unparsed_replies": sum(j[m]["unparsed_replies"] for j in judged),
             }
             for m in ("pairwise", "single")
             if m in judged[0]
-        }  # fmt: skip
+        }
     return out

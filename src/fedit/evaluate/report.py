@@ -12,6 +12,9 @@ ARM_NAMES = {
     "local": "local-only (mean over clients)",
     "fedit": "FedIT",
     "centralized": "centralized",
+    "finetune": "FedIT + local fine-tuning",
+    "ditto": "Ditto",
+    "fedsa": "FedSA-LoRA",
 }
 
 
@@ -149,6 +152,28 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def own_data_markdown(own: dict[str, dict[str, float]]) -> str:
+    """Each client's own held-out loss under every arm, and the mean and worst client."""
+    arms = list(own)
+    clients = sorted({c for v in own.values() for c in v}, key=int)
+    lines = [
+        "",
+        "Each client's own held-out data (data.client_test_fraction), loss:",
+        "",
+        "| client | " + " | ".join(ARM_NAMES.get(a, a) for a in arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for c in clients:
+        lines.append(f"| {c} | " + " | ".join(_f(own[a].get(c)) for a in arms) + " |")
+    for label, fn in (("mean", lambda xs: sum(xs) / len(xs)), ("worst", max)):
+        cells = [_f(fn(list(own[a].values()))) if own[a] else "–" for a in arms]
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
-    atomic_text(out / "results.md", markdown(results))
+    text = markdown(results)
+    if results.get("own_data"):
+        text += own_data_markdown(results["own_data"])
+    atomic_text(out / "results.md", text)
     plots(results, out)
