@@ -245,3 +245,47 @@ def test_compare_scores_every_arm_on_each_clients_own_data(tmp_path: Path, data_
     assert (
         "Each client's own held-out data" in table and "| **worst** |" in table and "Ditto" in table
     )
+
+
+def test_several_sources_with_their_own_layouts_and_tags(tmp_path: Path, data_file: Path) -> None:
+    from fedit.config import config_from_dict
+    from fedit.data.records import load_records
+
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": f"Write code number {i}."}],
+         "chosen": {"from": "gpt", "value": f"print({i})"}, "rejected": {"from": "gpt", "value": "no"}}
+        for i in range(12)
+    ]))  # fmt: skip
+    sources = [
+        {"path": str(data_file), "tags": {"domain": "general"}},
+        {"path": str(share), "format": "chat", "category": "code", "tags": {"domain": "code"},
+         "fields": {"messages": "conversations", "role": "from", "content": "value",
+                    "output": "chosen"}, "roles": {"human": "user", "gpt": "assistant"}},
+    ]  # fmt: skip
+    cfg = tiny_config(data_file, data={"sources": sources, "test_per_category": 1},
+                      partition={"method": "natural", "natural_field": "tag:source", "num_clients": 0},
+                      client={"batch_size": 2, "micro_batch_size": 1})  # fmt: skip
+    records, _ = load_records(cfg.data)
+    code = [r for r in records if r.tags["domain"] == "code"]
+    assert (
+        len(code) == 12
+        and code[0].instruction == "Write code number 0."
+        and code[0].response == "print(0)"
+    )
+    assert {r.tags["source"] for r in records} == {"data", "share"} and code[0].category == "code"
+    split = load_partition(cfg)
+    assert len(split.clients) == 2  # one client per source
+    assert {frozenset(r.tags["source"] for r in c) for c in split.clients} == {
+        frozenset({"data"}),
+        frozenset({"share"}),
+    }
+    # The config round-trips through TOML, and a bad source names its key.
+    assert config_from_dict(cfg.to_dict()).data.sources == cfg.data.sources
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.roles\.human"):
+        tiny_config(
+            data_file, data={"sources": [sources[0], {**sources[1], "roles": {"human": "person"}}]}
+        )
+    bad = tiny_config(data_file, data={"sources": [{**sources[1], "roles": {}}]})
+    with pytest.raises(Exception, match="unknown role 'human'; map it with data.roles"):
+        load_records(bad.data)

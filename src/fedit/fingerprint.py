@@ -6,6 +6,7 @@ now, so rounds trained on changed data or another model never continue a run sil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,14 +32,12 @@ def fingerprints(cfg: Config) -> dict[str, str]:
     """'data', 'model' and 'tokenizer': sha256 of the files, or the name where there are no
     local files (a hub id, the seeded test model). Data not readable here is left out."""
     out: dict[str, str] = {}
-    if cfg.data.path.startswith("hf:"):
-        out["data"] = cfg.data.path
+    paths = [s["path"] for s in cfg.data.sources] or [cfg.data.path]
+    if any(p.startswith("hf:") for p in paths):
+        out["data"] = ", ".join(paths)
     else:
-        try:
-            path = resolve_data_path(cfg.data.path)
-            out["data"] = f"sha256:{_sha256([path])}"
-        except DataError:
-            pass  # a Flower server may hold no data; its clients hold theirs
+        with contextlib.suppress(DataError):  # a Flower server may hold no data; clients do
+            out["data"] = f"sha256:{_sha256([resolve_data_path(p) for p in paths])}"
     kind, where = resolve(cfg.model)
     if kind != "folder":
         out["model"] = out["tokenizer"] = f"{kind}:{where}"

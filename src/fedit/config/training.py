@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fedit.config.fields import ConfigError, check, opt
 
@@ -38,6 +38,58 @@ class ModelConfig:
             "model.device",
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
+
+
+FIELD_ROLES = {"instruction", "input", "output", "category", "user", "messages", "role", "content"}
+SOURCE_KEYS = {"path", "format", "fields", "roles", "tags", "category", "max_records"}
+
+
+def check_source(src: Any, where: str) -> None:
+    """One table of data.sources, key by key."""
+    check(isinstance(src, dict), where, "must be a table {path = ..., ...}")
+    unknown = sorted(set(src) - SOURCE_KEYS)
+    check(
+        not unknown,
+        f"{where}.{unknown[0] if unknown else ''}",
+        f"unknown key (known: {sorted(SOURCE_KEYS)})",
+    )
+    check(
+        isinstance(src.get("path"), str) and bool(src.get("path")),
+        f"{where}.path",
+        "must be a non-empty string",
+    )
+    fmt = src.get("format", "auto")
+    check(
+        fmt in ("auto", "dolly", "alpaca", "chat"),
+        f"{where}.format",
+        f"must be auto, dolly, alpaca or chat, got {fmt!r}",
+    )
+    for key in ("fields", "roles", "tags"):
+        table = src.get(key, {})
+        check(
+            isinstance(table, dict) and all(isinstance(v, str) for v in table.values()),
+            f"{where}.{key}",
+            "must be a table of strings",
+        )
+    for role in src.get("fields", {}):
+        check(
+            role in FIELD_ROLES,
+            f"{where}.fields.{role}",
+            f"unknown role (known: {sorted(FIELD_ROLES)})",
+        )
+    for name, role in src.get("roles", {}).items():
+        check(
+            role in ("system", "user", "assistant"),
+            f"{where}.roles.{name}",
+            f"must be system, user or assistant, got {role!r}",
+        )
+    check(isinstance(src.get("category", ""), str), f"{where}.category", "must be a string")
+    n = src.get("max_records", 0)
+    check(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+        f"{where}.max_records",
+        "must be an integer >= 0",
+    )
 
 
 @dataclass
@@ -75,6 +127,18 @@ class DataConfig:
     skip_bad_records: bool = opt(
         False, "Skip malformed records and report their count instead of failing."
     )
+    roles: dict[str, str] = opt(
+        {},
+        "Chat turns: the record's role names mapped to system | user | assistant, e.g. "
+        "{human='user', gpt='assistant'} for ShareGPT (with fields {messages='conversations', "
+        "role='from', content='value'}).",
+    )
+    sources: list[dict[str, Any]] = opt(
+        [],
+        "Several files in one federation, each a table {path, format, fields, roles, tags, "
+        "category, max_records}; tags (e.g. {domain='code'}) are kept on every record and "
+        "tag:NAME can define clients (partition.natural_field). Empty = data.path alone.",
+    )
     license: str = opt(
         "",
         "The data's license, written into every adapter's model card; '' = looked up for the "
@@ -91,9 +155,20 @@ class DataConfig:
             "data.client_test_fraction",
             "must be in [0, 0.5]",
         )
-        roles = {"instruction", "input", "output", "category", "user", "messages"}
         for role in self.fields:
-            check(role in roles, f"data.fields.{role}", f"unknown role (known: {sorted(roles)})")
+            check(
+                role in FIELD_ROLES,
+                f"data.fields.{role}",
+                f"unknown role (known: {sorted(FIELD_ROLES)})",
+            )
+        for name, role in self.roles.items():
+            check(
+                role in ("system", "user", "assistant"),
+                f"data.roles.{name}",
+                f"must be system, user or assistant, got {role!r}",
+            )
+        for i, src in enumerate(self.sources):
+            check_source(src, f"data.sources[{i}]")
 
 
 @dataclass
@@ -113,7 +188,9 @@ class PartitionConfig:
     min_client_size: int = opt(
         1, "'dirichlet' and 'quantity' move records from the largest clients up to this size."
     )
-    natural_field: str = opt("user", "Record role that defines clients for 'natural'.")
+    natural_field: str = opt(
+        "user", "What defines clients for 'natural': user, category or tag:NAME (e.g. tag:source)."
+    )
     only: list[int] = opt(
         [],
         "Keep only these clients of the partition (by index), e.g. [3] for one client tuning "
@@ -131,9 +208,9 @@ class PartitionConfig:
         check(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1")
         check(self.min_client_size >= 1, "partition.min_client_size", "must be >= 1")
         check(
-            self.natural_field in {"user", "category"},
+            self.natural_field in {"user", "category"} or self.natural_field.startswith("tag:"),
             "partition.natural_field",
-            "must be 'user' or 'category'",
+            "must be 'user', 'category' or 'tag:NAME' (a data.sources tag, e.g. tag:source)",
         )
         for i, c in enumerate(self.only):
             check(c >= 0, f"partition.only[{i}]", "client indices are >= 0")

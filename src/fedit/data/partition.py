@@ -150,8 +150,9 @@ def natural(
     whole groups are packed onto the currently smallest client (largest group first)."""
     groups: dict[str, list[int]] = {}
     missing = 0
+    name = cfg.natural_field
     for i, r in enumerate(records):
-        key = getattr(r, cfg.natural_field)
+        key = r.tags.get(name[4:]) if name.startswith("tag:") else getattr(r, name)
         if key is None:
             missing += 1
             continue

@@ -54,11 +54,15 @@ class Record:
     user: str | None = None
     # Earlier turns of a chat record (role/content dicts), kept for the chat template.
     history: list[dict[str, str]] = field(default_factory=list)
+    # data.sources: the source's tags (and its name as `source`), for partitioning and metrics.
+    tags: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.history:
             d.pop("history")
+        if not self.tags:
+            d.pop("tags")
         if self.user is None:
             d.pop("user")
         return d
@@ -177,7 +181,13 @@ def content_text(content: Any, where: str) -> str:
     )
 
 
-def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Record:
+def to_record(
+    obj: Any,
+    fmt: str,
+    fields: Mapping[str, str],
+    where: str,
+    roles: Mapping[str, str] | None = None,
+) -> Record:
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     spec = {**FORMATS[fmt], **fields}
@@ -200,14 +210,29 @@ def to_record(obj: Any, fmt: str, fields: Mapping[str, str], where: str) -> Reco
     messages = obj.get(spec["messages"])
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field {spec['messages']!r} must be a non-empty list of turns")
+    role_key, content_key = spec.get("role", "role"), spec.get("content", "content")
+    names = {"system": "system", "user": "user", "assistant": "assistant", **(roles or {})}
+    if "output" in fields:  # preference layouts: the answer apart from the turns (ShareGPT DPO)
+        answer = obj.get(fields["output"])
+        if isinstance(answer, Mapping):
+            answer = {**answer, role_key: answer.get(role_key, "assistant")}
+        if answer is None:
+            raise DataError(f"{where}: missing field {fields['output']!r} (data.fields.output)")
+        messages = [
+            *messages,
+            answer if isinstance(answer, Mapping) else {role_key: "assistant", content_key: answer},
+        ]
     turns: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         at = f"{where}: {spec['messages']}[{i}]"
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise DataError(f"{at} needs 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{at} has unknown role {m['role']!r}")
-        turns.append({"role": str(m["role"]), "content": content_text(m["content"], at)})
+        if not isinstance(m, Mapping) or role_key not in m or content_key not in m:
+            raise DataError(f"{at} needs {role_key!r} and {content_key!r}")
+        if m[role_key] not in names:
+            raise DataError(
+                f"{at} has unknown role {m[role_key]!r}; map it with data.roles "
+                f"(e.g. {{{m[role_key]}='user'}}), known: {sorted(names)}"
+            )
+        turns.append({"role": names[m[role_key]], "content": content_text(m[content_key], at)})
     if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
         raise DataError(f"{where}: a chat record must end with a user turn then an assistant turn")
     if not turns[-1]["content"].strip():
@@ -239,7 +264,7 @@ def parse_records(
                     fmt = detect_format(obj, cfg.fields)
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
-            records.append(to_record(obj, fmt, cfg.fields, where))
+            records.append(to_record(obj, fmt, cfg.fields, where, cfg.roles))
         except DataError as e:
             if not cfg.skip_bad_records:
                 raise
@@ -257,11 +282,55 @@ def _skip_note(report: LoadReport) -> str:
 
 
 def load_records(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
-    """Load and validate the records named by `data.path`."""
+    """Load and validate the records named by `data.path`, or by each of `data.sources`."""
+    if cfg.sources:
+        return _load_sources(cfg)
     if cfg.path.startswith("hf:"):
         return _load_hub(cfg)
     path = resolve_data_path(cfg.path)
     return parse_records(_iter_raw(path), str(path), cfg)
+
+
+def _load_sources(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
+    """Each source read with its own format, fields and roles, its records tagged with the
+    source's tags and name (`source`); a source's `max_records` is a seeded sample of it."""
+    from dataclasses import replace
+
+    from fedit.seeding import generator
+
+    out: list[Record] = []
+    total = LoadReport(source=", ".join(str(s["path"]) for s in cfg.sources))
+    names: set[str] = set()
+    for i, src in enumerate(cfg.sources):
+        one = replace(
+            cfg,
+            path=src["path"],
+            format=src.get("format", "auto"),
+            fields=src.get("fields", {}),
+            roles=src.get("roles", {}),
+            sources=[],
+        )
+        records, report = load_records(one)
+        tags = {"source": Path(src["path"]).stem, **src.get("tags", {})}
+        if tags["source"] in names:
+            raise DataError(
+                f"data.sources[{i}]: a second source named {tags['source']!r}; give it "
+                "tags = {source = '...'}"
+            )
+        names.add(tags["source"])
+        n = int(src.get("max_records", 0))
+        if n and len(records) > n:
+            keep = generator(0, "source-sample", i).choice(len(records), n, replace=False)
+            records = [records[j] for j in sorted(keep)]
+        category = src.get("category", "")
+        for r in records:
+            r.tags = {**r.tags, **tags}
+            if category and r.category == UNKNOWN_CATEGORY:
+                r.category = category
+        out += records
+        total.loaded += len(records)
+        total.skipped += [f"{report.source}: {s}" for s in report.skipped]
+    return out, total
 
 
 def _load_hub(cfg: DataConfig) -> tuple[list[Record], LoadReport]:

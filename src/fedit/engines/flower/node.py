@@ -163,7 +163,7 @@ class NodeState:
         if data_path:
             # A node with only its own records: they are one client, whose id comes from the
             # node config (it seeds the client's training).
-            cfg = variant(cfg, data={"path": str(data_path), "max_records": 0})
+            cfg = variant(cfg, data={"path": str(data_path), "max_records": 0, "sources": []})
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
             records, _ = load_records(cfg.data)
             own = {}  # its own held-out split: the records it trains on are all it has
