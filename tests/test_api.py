@@ -21,7 +21,7 @@ class KeepGlobal:
     def __init__(self, cfg: Config, num_clients: int) -> None:
         self.calls = 0
 
-    def client_plan(self, client_id: int, global_state: AdapterState) -> ClientPlan:
+    def client_plan(self, client_id: int, global_state: AdapterState, rnd: int) -> ClientPlan:
         return ClientPlan()
 
     def aggregate(self, global_state: AdapterState, updates: Sequence[Update]) -> AdapterState:
