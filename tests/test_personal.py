@@ -280,6 +280,11 @@ def test_several_sources_with_their_own_layouts_and_tags(tmp_path: Path, data_fi
         frozenset({"data"}),
         frozenset({"share"}),
     }
+    # Held-out loss per source and per tag, beside the categories.
+    ev = run_federation(cfg).history[-1]["eval"]
+    assert set(ev["per_tag"]["source"]) == {"data", "share"}
+    assert set(ev["per_tag"]["domain"]) == {"general", "code"}
+    assert ev["per_tag"]["domain"]["code"] == ev["per_category"]["code"]
     # The config round-trips through TOML, and a bad source names its key.
     assert config_from_dict(cfg.to_dict()).data.sources == cfg.data.sources
     with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.roles\.human"):

@@ -48,6 +48,7 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
     was_training = model.training
     model.eval()
     per_cat: dict[str, list[float]] = {}
+    per_tag: dict[tuple[str, str], list[float]] = {}
     total_loss, total_tokens = 0.0, 0
     try:
         for idx in eval_set.batches:
@@ -57,6 +58,10 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
                 acc = per_cat.setdefault(ex.category, [0.0, 0])
                 acc[0] += lo
                 acc[1] += n
+                for tag in ex.tags.items():
+                    t = per_tag.setdefault(tag, [0.0, 0])
+                    t[0] += lo
+                    t[1] += n
                 total_loss += lo
                 total_tokens += n
     finally:
@@ -64,6 +69,11 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
     result: dict[str, Any] = _summary(total_loss, total_tokens)
     cats = {c: _summary(s, int(n)) for c, (s, n) in sorted(per_cat.items())}
     result["per_category"] = cats
+    if per_tag:  # data.sources: the same per source and per tag value
+        tags: dict[str, dict[str, dict[str, float]]] = {}
+        for (name, value), (s, n) in sorted(per_tag.items()):
+            tags.setdefault(name, {})[value] = _summary(s, int(n))
+        result["per_tag"] = tags
     losses_by_cat = [v["loss"] for v in cats.values()]
     if losses_by_cat:
         # The spread across domains, not only the mean (fairness across categories).

@@ -35,6 +35,9 @@ class Board:
         scalar("heldout/ppl", ev.get("ppl"))
         for cat, v in (ev.get("per_category") or {}).items():
             scalar(f"heldout_category/{cat}", v.get("loss"))
+        for tag, values in (ev.get("per_tag") or {}).items():
+            for value, v in values.items():
+                scalar(f"heldout_{tag}/{value}", v.get("loss"))
         for key, value in ((ev.get("fairness") or {}).get("clients") or {}).items():
             scalar(f"fairness_clients/{key}", value)
         own = ev.get("own_data") or {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedit.data.records import DataError, Record
@@ -73,6 +73,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     category: str
+    tags: dict[str, str] = field(default_factory=dict)  # the record's (data.sources)
 
     @property
     def num_target_tokens(self) -> int:
@@ -98,7 +99,7 @@ def encode(
     ids = [*prompt_ids, *response_ids, tokenizer.eos_token_id][:cutoff_len]
     n_prompt = min(len(prompt_ids), len(ids))
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-    return Example(input_ids=ids, labels=labels, category=record.category)
+    return Example(input_ids=ids, labels=labels, category=record.category, tags=record.tags)
 
 
 def tokenize_records(
