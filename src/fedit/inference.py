@@ -133,6 +133,19 @@ def messages_to_record(messages: list[dict[str, Any]]) -> Record:
     return Record(instruction=turns[-1]["content"], response="", history=turns[:-1])
 
 
+def _sampling(temperature: float, top_p: float) -> dict[str, Any]:
+    """generate() settings: greedy at temperature 0 (the model's own defaults cleared)."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def _precision(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    )
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -181,15 +194,8 @@ def generate(
                 "pad_token_id": pad,
                 "eos_token_id": tokenizer.eos_token_id,
             }
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            ctx = (
-                torch.autocast(device.type, dtype=dtype)
-                if dtype is not None
-                else contextlib.nullcontext()
-            )
+            kwargs.update(_sampling(temperature, top_p))
+            ctx = _precision(device, dtype)
             # generate() samples from the global RNG: seed it inside a fork, restore after.
             with ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if temperature > 0:
@@ -313,13 +319,8 @@ def stream_answer(
         "streamer": watch,
         "stopping_criteria": StoppingCriteriaList([watch]),
     }
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    ctx = (
-        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    )
+    kwargs.update(_sampling(temperature, top_p))
+    ctx = _precision(device, dtype)
     was_training = model.training
     model.eval()
     try:
