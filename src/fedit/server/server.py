@@ -218,9 +218,13 @@ class Server:
         tasks = [Task(rnd, c, g, ClientPlan(), run_id, own_eval=True)
                  for c in range(self.num_clients)]  # fmt: skip
         clients: dict[str, dict[str, float]] = {}
-        for client, result in engine.launch(tasks):
+        self.progress.rate(("own-data", rnd), 0, len(tasks), "client")
+        for i, (client, result) in enumerate(engine.launch(tasks), 1):
             try:
                 m = result().metrics
+                rate = self.progress.rate(("own-data", rnd), i, len(tasks), "client")
+                if i == len(tasks) or i % 10 == 0:  # a line per ten clients: logs stay short
+                    self.progress.log(f"round {rnd}: own-data evaluation {i}/{len(tasks)}{rate}")
             except FeditError:
                 raise
             except Exception as e:  # a client that cannot answer is left out, and said so
