@@ -112,14 +112,22 @@ class HeldOut:
         return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
 
 
+def scored_examples(
+    records: Sequence[Record], tokenizer: Any, cfg: Config
+) -> tuple[list[Example], int]:
+    """Held-out records tokenized as training does, scored on their response tokens only;
+    (examples, how many lost their response at cutoff_len)."""
+    d = cfg.data
+    return tokenize_records(records, tokenizer, d.template, d.cutoff_len, False)
+
+
 def heldout_set(records: Sequence[Record], tokenizer: Any, cfg: Config) -> HeldOut:
     """Tokenize the test records as training does and keep the `eval.max_examples` subset.
 
     Held-out answers are scored on their response tokens always, also when a run trains on
     the prompt too (`data.train_on_inputs`): losses of runs with and without it compare.
     """
-    d = cfg.data
-    examples, dropped = tokenize_records(records, tokenizer, d.template, d.cutoff_len, False)
+    examples, dropped = scored_examples(records, tokenizer, cfg)
     subset = eval_subset(examples, cfg)
     lost = sorted({r.category for r in records} - {e.category for e in subset})
     return HeldOut(EvalSet.build(subset, cfg.eval.micro_batch_size), len(records), dropped, lost)

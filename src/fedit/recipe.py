@@ -202,7 +202,7 @@ def _rounds(
 
     board = Board(out / "tensorboard") if out and cfg.eval.tensorboard else None
     try:
-        return _loop(run, out, ckpt, progress, prints, history, start, run_id, board)
+        return _loop(run, out, progress, prints, history, start, run_id, board)
     finally:
         if board:
             board.close()
@@ -211,7 +211,6 @@ def _rounds(
 def _loop(
     run: Setup,
     out: Path | None,
-    ckpt: Checkpoint | None,
     progress: Progress,
     prints: dict[str, str],
     history: list[dict[str, Any]],

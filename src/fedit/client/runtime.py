@@ -28,7 +28,7 @@ from fedit.data.prompts import Example, tokenize_records, usable_count
 from fedit.data.records import DataError, Record
 from fedit.deltas import clipped_delta, gaussian_noise
 from fedit.files import atomic_bytes, atomic_file
-from fedit.heldout import EvalSet, evaluate_loss
+from fedit.heldout import EvalSet, evaluate_loss, scored_examples
 from fedit.lora import AdapterState, LoraModel, set_adapter, state_bytes
 from fedit.progress import Progress
 from fedit.protocol import Payload, Task, Update
@@ -250,11 +250,8 @@ class ClientRuntime:
 
     def _own_set(self, client: int) -> EvalSet | None:
         if client not in self._own_sets:
-            d = self.cfg.data
             records = self.own.get(client) or []
-            examples, _ = tokenize_records(
-                records, self.lm.tokenizer, d.template, d.cutoff_len, False
-            )
+            examples, _ = scored_examples(records, self.lm.tokenizer, self.cfg)
             self._own_sets[client] = (
                 EvalSet.build(examples, self.cfg.eval.micro_batch_size) if examples else None
             )

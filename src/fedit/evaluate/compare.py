@@ -30,11 +30,10 @@ from typing import Any
 
 from fedit.config import Config, ConfigError, to_toml, variant
 from fedit.data.partition import load_partition
-from fedit.data.prompts import tokenize_records
 from fedit.evaluate.generation import Embedder
 from fedit.evaluate.scoring import generation_subset, score_model
 from fedit.files import atomic_json, atomic_text
-from fedit.heldout import EvalSet, evaluate_loss
+from fedit.heldout import EvalSet, evaluate_loss, scored_examples
 from fedit.inference import load_for_inference, use_adapter
 from fedit.lora import get_adapter, load_adapter_state
 from fedit.progress import Progress
@@ -257,10 +256,9 @@ def own_data_table(
     folders: dict[str, Path],
 ) -> dict[str, dict[str, float]]:
     """arm -> client -> loss of the arm's global adapter on the client's own held-out data."""
-    d = cfg.data
     sets = {}
     for c, records in own.items():
-        examples, _ = tokenize_records(records, loaded.tokenizer, d.template, d.cutoff_len, False)
+        examples, _ = scored_examples(records, loaded.tokenizer, cfg)
         if examples:
             sets[str(c)] = EvalSet.build(examples, cfg.eval.micro_batch_size)
     states = {
