@@ -51,14 +51,36 @@ def _started_here() -> list[int]:
     return [p for p in descendants(os.getpid())]
 
 
-@pytest.mark.parametrize("method", ["none", "int8"])
-def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> None:
-    """Also with compression: the encoded delta travels and the server decodes it."""
+def _same_personal_state(out: Path, sim: Path, summary: dict, want: dict) -> None:
+    """The nodes' personal states (newest per client) and own-data scores are the simulation's."""
+    own = summary["own_data"]
+    assert set(own["clients"]) == set(want["clients"]) == {"0", "1"}
+    for c, v in want["clients"].items():
+        assert abs(own["clients"][c]["personal"] - v["personal"]) < 1e-5
+
+    def newest(files: list[Path]) -> dict[str, Path]:
+        return {f.parent.name: f for f in sorted(files, key=lambda f: f.name)}
+
+    nodes = newest(list((out / "flower" / "nodes").rglob("personal/client_*/round_*.safetensors")))
+    sims = newest(list((sim / "client-state").rglob("personal/client_*/round_*.safetensors")))
+    assert {c: f.name for c, f in nodes.items()} == {c: f.name for c, f in sims.items()}
+    assert nodes
+    for c, f in sims.items():
+        for k, v in load_file(str(f)).items():
+            torch.testing.assert_close(load_file(str(nodes[c]))[k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "personal"), [("none", "fedsa"), ("int8", "finetune")])
+def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str, personal: str) -> None:
+    """Also with compression: the encoded delta travels and the server decodes it; and with a
+    personalization method, each node's client keeps its state home (FedSA-LoRA: its B)."""
     path, cfg = _config(
         tmp_path,
+        data={"client_test_fraction": 0.25},
         partition={"num_clients": 2},
         federation={"rounds": 2},
         compression={"method": method},
+        personalization={"method": personal, "finetune_steps": 2},
     )
     out = tmp_path / "flower-run"
     before = set(_started_here())
@@ -80,6 +102,8 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
     assert [r["bytes_up_per_client"] for r in rows[1:]] == [
         r["bytes_up_per_client"] for r in sim_rows[1:]
     ]
+    summary = json.loads((out / "summary.json").read_text())
+    _same_personal_state(out, tmp_path / "sim", summary, sim.history[-1]["eval"]["own_data"])
     pids = json.loads((out / "flower" / "pids.json").read_text())
     assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= set(pids)
     time.sleep(1.0)
@@ -90,17 +114,18 @@ def test_federate_two_nodes_equals_simulation(tmp_path: Path, method: str) -> No
     assert set(Path(tempfile.gettempdir()).glob("fedit-node*")) <= temp_before
 
 
-def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
-    """Each node keeps its client's residual and its Ditto personal adapter on its own disk:
-    a server restart (new Flower run, new node workers) continues exactly where an
-    uninterrupted run would be, and each client scores both models on its own held-out data."""
+@pytest.mark.parametrize("method", ["ditto", "feddpa"])
+def test_federate_resume_keeps_the_nodes_personal_state(tmp_path: Path, method: str) -> None:
+    """Each node keeps its client's residual and its personal state on its own disk: a server
+    restart (new Flower run, new node workers) continues exactly where an uninterrupted run
+    would be, and each client scores both models on its own held-out data."""
     path, cfg = _config(
         tmp_path,
         data={"client_test_fraction": 0.25},
         partition={"num_clients": 2},
         federation={"rounds": 3},
         compression={"method": "topk", "topk_ratio": 0.2},
-        personalization={"method": "ditto"},
+        personalization={"method": method},
         eval={"every": 3, "at_start": False},
     )
     out = tmp_path / "flower-run"
@@ -112,20 +137,8 @@ def test_federate_resume_keeps_the_nodes_error_feedback(tmp_path: Path) -> None:
     for k, v in sim.adapter.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (out / "flower" / "nodes").iterdir()) == ["node-0", "node-1"]
-    own = json.loads((out / "summary.json").read_text())["own_data"]
-    want = sim.history[-1]["eval"]["own_data"]
-    assert set(own["clients"]) == set(want["clients"]) == {"0", "1"}
-    for c, v in want["clients"].items():
-        assert abs(own["clients"][c]["personal"] - v["personal"]) < 1e-5
-    # The personal adapters sit in the nodes' state folders, as in the simulation's run folder.
-    node_files = sorted((out / "flower" / "nodes").rglob("personal/client_*/round_*.safetensors"))
-    sim_files = sorted((tmp_path / "sim" / "client-state").rglob("round_*.safetensors"))
-    assert [f.parent.name + f.name for f in node_files] == [
-        f.parent.name + f.name for f in sim_files
-    ]
-    for a, b in zip(node_files, sim_files, strict=True):
-        for k, v in load_file(str(b)).items():
-            torch.testing.assert_close(load_file(str(a))[k], v, rtol=1e-5, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    _same_personal_state(out, tmp_path / "sim", summary, sim.history[-1]["eval"]["own_data"])
 
 
 def test_secure_aggregation_equals_plain_fedavg_within_quantization(tmp_path: Path) -> None:

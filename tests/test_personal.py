@@ -101,7 +101,7 @@ def _personal_files(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", ["ditto", "fedsa", "finetune"])
+@pytest.mark.parametrize("method", ["ditto", "fedsa", "finetune", "feddpa"])
 def test_each_method_keeps_its_state_home_and_resumes_exactly(
     method: str, tmp_path: Path, data_file: Path
 ) -> None:
@@ -175,6 +175,64 @@ def test_ditto_pulls_toward_the_global_adapter_not_its_start(
                           pad_token_id=runtime.lm.pad_id, plan=ClientPlan(prox_mu=0.5),
                           anchor=w)  # fmt: skip
     assert seen and all(torch.equal(seen[k], w[k]) for k in seen)
+
+
+def test_feddpa_mixes_two_adapters_and_weighs_them_per_instance(data_file: Path) -> None:
+    from fedit.client.batching import collate, token_losses
+    from fedit.client.mixing import Mixture, fresh_adapter
+    from fedit.client.personal import local_weight
+    from fedit.client.train import train_local
+    from fedit.lora import get_adapter, set_adapter
+    from tests.conftest import client_runtime
+
+    # The local adapter's weight: max_weight x the mean cosine similarity, in [0, 1].
+    refs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert local_weight(torch.tensor([2.0, 0.0]), refs, 0.5) == pytest.approx(0.25)
+    assert local_weight(torch.tensor([1.0, 1.0]), refs, 1.0) == pytest.approx(2**-0.5)
+    assert local_weight(torch.tensor([-1.0, -1.0]), refs, 0.5) == 0.0
+
+    runtime = client_runtime(tiny_config(data_file))
+    model, pad = runtime.lm.model, runtime.lm.pad_id
+    model.eval()  # no LoRA dropout: the losses compare exactly
+    batch = collate(runtime.examples(0)[:2], pad)
+
+    def loss() -> torch.Tensor:
+        with torch.inference_mode():
+            return token_losses(model, batch)[0]
+
+    g = {k: v + 0.05 * torch.randn_like(v) for k, v in get_adapter(model).items()}
+    local = {k: v + 0.05 * torch.randn_like(v) for k, v in g.items()}
+    zero_b = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in local.items()}
+    half_b = {k: v * 0.3 if ".lora_B." in k else v for k, v in local.items()}
+    set_adapter(model, g)
+    alone_g = loss()
+    set_adapter(model, half_b)
+    alone_scaled = loss()
+    set_adapter(model, local)
+    alone = loss()
+    with Mixture(model, g) as mix:  # w * dW_own + (1 - w) * dW_other
+        mix.weight(1.0)
+        assert torch.allclose(loss(), alone, atol=1e-5)
+        mix.weight(0.0)
+        assert torch.allclose(loss(), alone_g, atol=1e-5)
+    with Mixture(model, zero_b) as mix:  # the other adds nothing: the own B scaled by w
+        mix.weight(0.3)
+        assert torch.allclose(loss(), alone_scaled, atol=1e-5)
+    with Mixture(model, local) as mix:  # the same adapter twice: any mix is that adapter
+        mix.weight(0.7)
+        assert torch.allclose(loss(), alone, atol=1e-5)
+    assert torch.equal(loss(), alone)  # restored: the own adapter alone, at its own scaling
+    # Training inside a mixture trains the own adapter only; the other stays frozen.
+    with Mixture(model, g) as mix:
+        mix.weight(0.5)
+        up = train_local(model, fresh_adapter(g, 3), runtime.examples(0), runtime.cfg.client,
+                         client_id=0, seed=1, pad_token_id=pad)  # fmt: skip
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".fedit_other." in n)
+    assert any(not torch.equal(up.state[k], v) for k, v in fresh_adapter(g, 3).items())
+    fresh = fresh_adapter(g, 3)
+    assert all(torch.equal(fresh[k], v) for k, v in fresh_adapter(g, 3).items())  # seeded
+    assert all(float(v.abs().max()) == 0 for k, v in fresh.items() if ".lora_B." in k)
 
 
 def test_personalization_refusals(data_file: Path) -> None:

@@ -91,8 +91,12 @@ def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     cached = _PARAMS.get(model)
     if cached is not None:
         return cached
-    name = model.active_adapter
-    params = {n.replace(f".{name}.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    name = model.active_adapter if isinstance(model.active_adapter, str) else "default"
+    params = {
+        n.replace(f".{name}.", "."): p
+        for n, p in model.named_parameters()
+        if ".lora_" in n and f".{name}." in n
+    }
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(params) != expected:
         raise ModelError("LoRA parameters do not match the adapter state keys")

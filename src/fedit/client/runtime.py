@@ -273,8 +273,8 @@ class ClientRuntime:
             if mine is not None:
                 if not how.keeps_state:  # finetune: the model is kept for later use
                     self.personal.put(task.client, task.round, mine)
-                set_adapter(model, mine)
-                metrics["personal_loss"] = evaluate_loss(model, own, pad)["loss"]
+                examples = self.examples(task.client)
+                metrics["personal_loss"] = how.score(model, task, mine, own, examples, pad)
         return Update(task.client, {}, len(self.data.get(task.client, [])), 0, metrics)
 
     def _probe(self, task: Task) -> Update:

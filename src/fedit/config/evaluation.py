@@ -67,7 +67,7 @@ class CompareConfig:
     arms: list[str] = opt(
         ["base", "local", "fedit", "centralized"],
         "Arms of `fedit compare`: base (no tuning), local (clients alone), fedit, centralized, "
-        "and personalized FedIT: finetune, ditto, fedsa (scored per client on "
+        "and personalized FedIT: finetune, ditto, fedsa, feddpa (scored per client on "
         "data.client_test_fraction).",
     )
     local_clients: int = opt(
@@ -75,7 +75,7 @@ class CompareConfig:
     )
 
     def __post_init__(self) -> None:
-        known = ("base", "local", "fedit", "centralized", "finetune", "ditto", "fedsa")
+        known = ("base", "local", "fedit", "centralized", "finetune", "ditto", "fedsa", "feddpa")
         for i, arm in enumerate(self.arms):
             check(arm in known, f"compare.arms[{i}]", f"unknown arm {arm!r}; known: {known}")
         check(self.local_clients >= 1, "compare.local_clients", "must be >= 1")

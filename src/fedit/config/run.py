@@ -213,20 +213,34 @@ class CompressionConfig:
 
 @dataclass
 class PersonalizationConfig:
-    method: Literal["none", "finetune", "ditto", "fedsa"] = opt(
+    method: Literal["none", "finetune", "ditto", "fedsa", "feddpa"] = opt(
         "none",
         "A model per client beside the global one: 'finetune' (the final global adapter tuned "
         "on each client's data), 'ditto' (a personal adapter pulled toward the global one), "
-        "'fedsa' (FedSA-LoRA: A shared, B kept on the client). Scored on "
-        "data.client_test_fraction.",
+        "'fedsa' (FedSA-LoRA: A shared, B kept on the client), 'feddpa' (FedDPA: a local "
+        "adapter mixed with the global one per instance). Scored on data.client_test_fraction.",
     )
     ditto_lambda: float = opt(0.1, "ditto: weight of the proximal term lambda/2 ||v - w||^2.")
     finetune_steps: int = opt(
         0, "finetune: local steps on the final global adapter (0 = client.max_steps)."
     )
     finetune_lr: float = opt(0.0, "finetune: learning rate (0 = client.lr).")
+    feddpa_max_weight: float = opt(
+        0.5,
+        "feddpa: the local adapter's weight for an instance is this times its mean cosine "
+        "similarity to the client's reference instances (the global one gets the rest).",
+    )
+    feddpa_instances: int = opt(
+        5, "feddpa: the client's own training instances an instance is compared with."
+    )
 
     def __post_init__(self) -> None:
         check(self.ditto_lambda >= 0, "personalization.ditto_lambda", "must be >= 0")
         check(self.finetune_steps >= 0, "personalization.finetune_steps", "must be >= 0")
         check(self.finetune_lr >= 0, "personalization.finetune_lr", "must be >= 0")
+        check(
+            0 <= self.feddpa_max_weight <= 1,
+            "personalization.feddpa_max_weight",
+            "must be in [0, 1]",
+        )
+        check(self.feddpa_instances >= 1, "personalization.feddpa_instances", "must be >= 1")

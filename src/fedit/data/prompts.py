@@ -74,6 +74,7 @@ class Example:
     labels: list[int]
     category: str
     tags: dict[str, str] = field(default_factory=dict)  # the record's (data.sources)
+    prompt_len: int = 0  # tokens before the response (the instruction a model is given)
 
     @property
     def num_target_tokens(self) -> int:
@@ -99,7 +100,13 @@ def encode(
     ids = [*prompt_ids, *response_ids, tokenizer.eos_token_id][:cutoff_len]
     n_prompt = min(len(prompt_ids), len(ids))
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-    return Example(input_ids=ids, labels=labels, category=record.category, tags=record.tags)
+    return Example(
+        input_ids=ids,
+        labels=labels,
+        category=record.category,
+        tags=record.tags,
+        prompt_len=n_prompt,
+    )
 
 
 def tokenize_records(

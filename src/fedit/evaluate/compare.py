@@ -10,7 +10,7 @@ partition, the test split, the training loop and the evaluation:
 - fedit: the federation as configured;
 - centralized: all clients' data pooled into one client (`partition.pooled`), with the same
   total number of optimizer steps (same batch size) as FedIT spent, spread over the same rounds;
-- finetune, ditto, fedsa: FedIT with that `personalization.method`, each client's personal
+- finetune, ditto, fedsa, feddpa: FedIT with that `personalization.method`, each client's personal
   model scored on its own held-out records.
 
 With `data.client_test_fraction`, every arm is also scored on each client's own held-out
@@ -40,7 +40,7 @@ from fedit.progress import Progress
 from fedit.recipe import run_federation
 from fedit.seeding import generator
 
-PERSONAL_ARMS = ("finetune", "ditto", "fedsa")
+PERSONAL_ARMS = ("finetune", "ditto", "fedsa", "feddpa")
 
 
 def _finished(folder: Path, rounds: int) -> list[dict[str, Any]] | None:

@@ -15,6 +15,7 @@ ARM_NAMES = {
     "finetune": "FedIT + local fine-tuning",
     "ditto": "Ditto",
     "fedsa": "FedSA-LoRA",
+    "feddpa": "FedDPA",
 }
 
 
