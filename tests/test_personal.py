@@ -338,6 +338,20 @@ def test_several_sources_with_their_own_layouts_and_tags(tmp_path: Path, data_fi
         frozenset({"data"}),
         frozenset({"share"}),
     }
+    # Each source split into its own clients (`clients` on every source), numbered in order.
+    per = [{**sources[0], "clients": 3}, {**sources[1], "clients": 2}]
+    split = load_partition(variant(cfg, data={"sources": per}, partition={"method": "shards"}))
+    assert [{r.tags["source"] for r in c} for c in split.clients] == [{"data"}] * 3 + [
+        {"share"}
+    ] * 2
+    with pytest.raises(
+        Exception, match=r"partition.num_clients=4, but data.sources\[\]\.clients add up to 5"
+    ):
+        load_partition(
+            variant(cfg, data={"sources": per}, partition={"method": "shards", "num_clients": 4})
+        )
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.clients"):
+        tiny_config(data_file, data={"sources": [per[0], sources[1]]})
     # Held-out loss per source and per tag, beside the categories.
     ev = run_federation(cfg).history[-1]["eval"]
     assert set(ev["per_tag"]["source"]) == {"data", "share"}

@@ -41,7 +41,7 @@ class ModelConfig:
 
 
 FIELD_ROLES = {"instruction", "input", "output", "category", "user", "messages", "role", "content"}
-SOURCE_KEYS = {"path", "format", "fields", "roles", "tags", "category", "max_records"}
+SOURCE_KEYS = {"path", "format", "fields", "roles", "tags", "category", "max_records", "clients"}
 
 
 def check_source(src: Any, where: str) -> None:
@@ -71,6 +71,13 @@ def check_source(src: Any, where: str) -> None:
             f"{where}.{key}",
             "must be a table of strings",
         )
+    for key in ("max_records", "clients"):
+        n = src.get(key, 0)
+        check(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+            f"{where}.{key}",
+            f"must be an integer >= 0, got {n!r}",
+        )
     for role in src.get("fields", {}):
         check(
             role in FIELD_ROLES,
@@ -84,12 +91,6 @@ def check_source(src: Any, where: str) -> None:
             f"must be system, user or assistant, got {role!r}",
         )
     check(isinstance(src.get("category", ""), str), f"{where}.category", "must be a string")
-    n = src.get("max_records", 0)
-    check(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0,
-        f"{where}.max_records",
-        "must be an integer >= 0",
-    )
 
 
 @dataclass
@@ -136,8 +137,9 @@ class DataConfig:
     sources: list[dict[str, Any]] = opt(
         [],
         "Several files in one federation, each a table {path, format, fields, roles, tags, "
-        "category, max_records}; tags (e.g. {domain='code'}) are kept on every record and "
-        "tag:NAME can define clients (partition.natural_field). Empty = data.path alone.",
+        "category, max_records, clients}; tags (e.g. {domain='code'}) are kept on every record "
+        "and tag:NAME can define clients (partition.natural_field); `clients = k` on every "
+        "source splits each source into its own k clients. Empty = data.path alone.",
     )
     license: str = opt(
         "",
@@ -169,6 +171,15 @@ class DataConfig:
             )
         for i, src in enumerate(self.sources):
             check_source(src, f"data.sources[{i}]")
+        counted = [bool(src.get("clients")) for src in self.sources]
+        if any(counted):
+            i = counted.index(False) if not all(counted) else -1
+            check(
+                i < 0,
+                f"data.sources[{i}].clients",
+                "clients is set on another source: give every source its number of clients "
+                "(each source is split into its own clients)",
+            )
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +275,7 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
         records, cfg.data.test_per_category, generator(cfg.seed, "test-split")
     )
     train = [records[i] for i in train_idx]
-    fn = PARTITIONERS.get(cfg.partition.method)
-    parts = fn(train, cfg.partition, generator(cfg.seed, "partition", cfg.partition.method))
+    parts = _split(train, cfg)
     clients = [[train[i] for i in p] for p in parts]
     clients, own = _client_tests(clients, cfg.data.client_test_fraction, cfg.seed)
     kept = cfg.partition.only or range(len(clients))
@@ -298,6 +297,36 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
         )
     test = [records[i] for i in test_idx]
     return Partition(clients, test, partition_stats(clients, test), own)
+
+
+def _split(train: Sequence[Record], cfg: Config) -> list[list[int]]:
+    """`partition.method` over all records or, where each of `data.sources` names its number
+    of clients, over each source's records apart (its clients numbered after the previous
+    source's)."""
+    method = cfg.partition.method
+    fn = PARTITIONERS.get(method)
+    counts = [int(src.get("clients", 0)) for src in cfg.data.sources]
+    if not any(counts):
+        return fn(train, cfg.partition, generator(cfg.seed, "partition", method))
+    total = sum(counts)
+    if cfg.partition.num_clients not in (0, total):
+        raise PartitionError(
+            f"partition.num_clients={cfg.partition.num_clients}, but data.sources[].clients "
+            f"add up to {total} ({' + '.join(map(str, counts))}); set it to {total} or 0"
+        )
+    names = [src.get("tags", {}).get("source", Path(src["path"]).stem) for src in cfg.data.sources]
+    parts: list[list[int]] = []
+    for i, (name, k) in enumerate(zip(names, counts, strict=True)):
+        idx = [j for j, r in enumerate(train) if r.tags.get("source") == name]
+        if len(idx) < k:
+            raise PartitionError(
+                f"data.sources[{i}].clients={k}, but the source has {len(idx)} training records"
+            )
+        mine = [train[j] for j in idx]
+        split = fn(mine, replace(cfg.partition, num_clients=k),
+                   generator(cfg.seed, "partition", method, i))  # fmt: skip
+        parts += [[idx[j] for j in p] for p in split]
+    return parts
 
 
 def _client_tests(
