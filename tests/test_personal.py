@@ -39,6 +39,35 @@ def test_client_test_fraction_holds_out_each_clients_own_records(data_file: Path
     assert pooled.client_tests == {} and len(pooled.clients) == 1
 
 
+def test_a_node_with_its_own_file_holds_out_what_the_simulation_does(
+    tmp_path: Path, data_file: Path
+) -> None:
+    from fedit.data.partition import write_partition
+    from fedit.engines.flower.node import NodeState
+
+    cfg = tiny_config(data_file, data={"client_test_fraction": 0.25})
+    split = load_partition(cfg)
+    parts = tmp_path / "parts"
+    write_partition(load_partition(variant(cfg, data={"client_test_fraction": 0.0})), parts)
+    write_partition(split, tmp_path / "with-own")
+    own_file = tmp_path / "with-own" / "clients" / "client_0002.own.jsonl"
+    assert own_file.is_file()  # `fedit partition` writes each client's own records too
+    config_json = json.dumps(cfg.to_dict())
+    for node_config in (  # its whole file, held out on the node / train and own files apart
+        {"data-path": str(parts / "clients" / "client_0002.jsonl"), "client-id": 2},
+        {"data-path": str(tmp_path / "with-own" / "clients" / "client_0002.jsonl"),
+         "own-data-path": str(own_file), "client-id": 2},
+    ):  # fmt: skip
+        node = NodeState()
+        node.setup(config_json, node_config)
+        assert [r.instruction for r in node.runtime.data[2]] == [
+            r.instruction for r in split.clients[2]
+        ]
+        assert [r.instruction for r in node.runtime.own[2]] == [
+            r.instruction for r in split.client_tests[2]
+        ]
+
+
 def test_own_data_evaluation_in_metrics_and_summary(tmp_path: Path, data_file: Path) -> None:
     cfg = tiny_config(data_file, data={"client_test_fraction": 0.25})
     result = run_federation(cfg, tmp_path / "run")

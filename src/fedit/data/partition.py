@@ -337,11 +337,24 @@ def _client_tests(
         return clients, {}
     kept, own = [], {}
     for c, recs in enumerate(clients):
-        k = max(1, round(fraction * len(recs))) if len(recs) > 1 else 0
-        held = set(generator(seed, "client-test", c).permutation(len(recs))[:k].tolist())
-        kept.append([r for i, r in enumerate(recs) if i not in held])
-        own[c] = [r for i, r in enumerate(recs) if i in held]
+        train, held = hold_out(recs, fraction, seed, c)
+        kept.append(train)
+        own[c] = held
     return kept, own
+
+
+def hold_out(
+    records: Sequence[Record], fraction: float, seed: int, client: int
+) -> tuple[list[Record], list[Record]]:
+    """Client `client`'s records split into (kept for training, its own held-out test): a
+    `fraction` of them, at least one, chosen by a generator seeded with the run seed and the
+    client id (what a simulation and a node holding the same records both choose)."""
+    k = max(1, round(fraction * len(records))) if len(records) > 1 and fraction > 0 else 0
+    held = set(generator(seed, "client-test", client).permutation(len(records))[:k].tolist())
+    return (
+        [r for i, r in enumerate(records) if i not in held],
+        [r for i, r in enumerate(records) if i in held],
+    )
 
 
 def format_stats(stats: dict[str, Any], max_rows: int = 100) -> str:
@@ -382,14 +395,18 @@ def partition_target(out: Path, replace: bool = False) -> Path:
 
 
 def write_partition(partition: Partition, out: Path, replace: bool = False) -> None:
-    """clients/client_NNNN.jsonl, test.jsonl and stats.json, as one folder that replaces `out`
-    whole: no client file of an earlier split is left beside the new ones."""
+    """clients/client_NNNN.jsonl (and client_NNNN.own.jsonl, the client's own held-out records,
+    with data.client_test_fraction), test.jsonl and stats.json, as one folder that replaces
+    `out` whole: no client file of an earlier split is left beside the new ones."""
     partition_target(out, replace)
 
     def fill(folder: Path) -> None:
         (folder / "clients").mkdir()
         for i, recs in enumerate(partition.clients):
             write_jsonl(folder / "clients" / f"client_{i:04d}.jsonl", recs)
+            if partition.client_tests.get(i):  # its own held-out records, never trained on
+                write_jsonl(folder / "clients" / f"client_{i:04d}.own.jsonl",
+                            partition.client_tests[i])  # fmt: skip
         write_jsonl(folder / "test.jsonl", partition.test)
         atomic_json(folder / "stats.json", partition.stats)
         from fedit.data.heatmap import write_heatmap

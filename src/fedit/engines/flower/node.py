@@ -154,7 +154,7 @@ class NodeState:
 
         from fedit.client.runtime import ClientRuntime, check_client_data
         from fedit.config import config_from_dict, variant
-        from fedit.data.partition import load_partition
+        from fedit.data.partition import hold_out, load_partition
         from fedit.data.records import load_records
         from fedit.lora import load_lora_model
 
@@ -166,7 +166,17 @@ class NodeState:
             cfg = variant(cfg, data={"path": str(data_path), "max_records": 0, "sources": []})
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
             records, _ = load_records(cfg.data)
-            own = {}  # its own held-out split: the records it trains on are all it has
+            own_path = node_config.get("own-data-path")
+            if own_path:  # its own held-out records in a file of their own
+                own_cfg = variant(cfg, data={"path": str(own_path)})
+                own = {self.client_id: load_records(own_cfg.data)[0]}
+            elif cfg.data.client_test_fraction:  # held out from its records, as a simulation
+                records, held = hold_out(
+                    records, cfg.data.client_test_fraction, cfg.seed, self.client_id
+                )
+                own = {self.client_id: held}
+            else:
+                own = {}
         else:
             if "partition-id" not in node_config:
                 raise RuntimeError(
