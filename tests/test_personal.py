@@ -264,14 +264,40 @@ def test_feddpa_mixes_two_adapters_and_weighs_them_per_instance(data_file: Path)
     assert all(float(v.abs().max()) == 0 for k, v in fresh.items() if ".lora_B." in k)
 
 
+def test_personal_state_in_a_pool_of_workers(tmp_path: Path, data_file: Path) -> None:
+    """A client trains in any worker of the pool: its personal state is on the run's disk, so
+    the pool trains, scores and resumes what one process does."""
+    cfg = tiny_config(data_file, data={"client_test_fraction": 0.25},
+                      federation={"rounds": 3, "clients_per_round": 3},
+                      personalization={"method": "feddpa"})  # fmt: skip
+    alone = run_federation(cfg, tmp_path / "alone")
+    pool_cfg = variant(cfg, federation={"workers": 2})
+    run_federation(variant(pool_cfg, federation={"rounds": 2}), tmp_path / "pool")
+    pooled = run_federation(pool_cfg, tmp_path / "pool", resume=True)
+    for k in alone.adapter:
+        assert torch.allclose(alone.adapter[k], pooled.adapter[k], atol=1e-5), k
+    mine, theirs = (latest(_personal_files(tmp_path / n)) for n in ("alone", "pool"))
+    assert mine.keys() == theirs.keys() and mine
+    for k, v in mine.items():
+        assert torch.allclose(v, theirs[k], atol=1e-5), k
+    want, got = (r.history[-1]["eval"]["own_data"]["clients"] for r in (alone, pooled))
+    assert {c for c, v in got.items() if "personal" in v} == {c for c in mine_clients(mine)}
+    for c, v in want.items():
+        if "personal" in v:
+            assert abs(got[c]["personal"] - v["personal"]) < 1e-4
+
+
+def mine_clients(files: dict[str, torch.Tensor]) -> set[str]:
+    """The clients (as own_data names them) with a personal state among `files`."""
+    return {str(int(k.split("/", 1)[0].removeprefix("client_"))) for k in files}
+
+
 def test_personalization_refusals(data_file: Path) -> None:
     with pytest.raises(ConfigError, match="outside the DP guarantee"):
         tiny_config(data_file, data={"client_test_fraction": 0.2}, privacy={"clip_norm": 1.0})
     with pytest.raises(ConfigError, match="fedsa"):
         tiny_config(data_file, personalization={"method": "fedsa"},
                     strategy={"lora_aggregation": "ffa"})  # fmt: skip
-    with pytest.raises(ConfigError, match="workers"):
-        tiny_config(data_file, personalization={"method": "ditto"}, federation={"workers": 2})
 
 
 def test_personal_models_answer_and_export(

@@ -162,7 +162,7 @@ def local_engine(
         from fedit.engines.pool import WorkerPool
 
         counts = [c["categories"] for c in partition.stats["clients"]]
-        return WorkerPool(cfg, [len(c) for c in partition.clients], counts)
+        return WorkerPool(cfg, [len(c) for c in partition.clients], counts, state_dir)
     from fedit.engines.inprocess import InProcess
 
     clients = dict(enumerate(partition.clients))

@@ -97,11 +97,6 @@ def _check_personal(cfg: Config) -> None:
         )
     if method == "none":
         return
-    if cfg.federation.workers > 1:
-        raise ConfigError(
-            f"personalization.method={method!r}: runs with federation.workers=1 (in this "
-            "process) or over Flower, where each client keeps its personal state on its node"
-        )
     if method == "fedsa":
         s = cfg.strategy
         if s.lora_aggregation != "naive" or cfg.lora.client_ranks:

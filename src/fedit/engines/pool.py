@@ -2,15 +2,20 @@
 
 Each worker builds the same client runtime as the main process would (same seed: same
 partition, same tokenization, same base model and LoRA init), once per run, and answers the
-task payloads it is handed. Only payloads cross the process boundary.
+task payloads it is handed. Only payloads cross the process boundary. A client may train in a
+different worker each round, so what it keeps (its personal state) is in its disk-only store
+under the run's client-state folder, which every worker reads and writes.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,14 +30,15 @@ from fedit.protocol import Payload, Task, Update
 _RUNTIME: ClientRuntime | None = None
 
 
-def _init(config: dict[str, Any], threads: int) -> None:
+def _init(config: dict[str, Any], threads: int, state_dir: str) -> None:
     global _RUNTIME
     # A worker trains in its own process with its share of the cores.
     cfg = variant(config_from_dict(config), model={"threads": threads})
     torch.set_num_threads(threads)
     partition = load_partition(cfg)
     clients = dict(enumerate(partition.clients))
-    _RUNTIME = ClientRuntime(cfg, load_lora_model(cfg), clients, own=partition.client_tests)
+    _RUNTIME = ClientRuntime(cfg, load_lora_model(cfg), clients, own=partition.client_tests,
+                             state_dir=Path(state_dir))  # fmt: skip
 
 
 def _handle(payload: Payload) -> Payload:
@@ -48,17 +54,23 @@ class WorkerPool:
     """`workers` processes sharing the machine's cores evenly (at least one thread each)."""
 
     def __init__(
-        self, cfg: Config, sizes: list[int], categories: list[dict[str, int]] | None = None
+        self,
+        cfg: Config,
+        sizes: list[int],
+        categories: list[dict[str, int]] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         workers = cfg.federation.workers
         threads = max(1, (cfg.model.threads or torch.get_num_threads()) // workers)
         self.sizes = sizes
         self.categories = categories or []
+        # A run without a folder keeps its clients' state in a folder of its own till it ends.
+        self.scratch = None if state_dir else Path(tempfile.mkdtemp(prefix="fedit-clients-"))
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(cfg.to_dict(), threads),
+            initargs=(cfg.to_dict(), threads, str(state_dir or self.scratch)),
         )
 
     def launch(self, tasks: Sequence[Task]) -> Launched:
@@ -74,3 +86,5 @@ class WorkerPool:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
