@@ -278,3 +278,82 @@ def test_a_compare_folder_serves_one_model_per_arm(runs: dict[str, Path], tmp_pa
         "solo",
     ]
     assert named[-1].info["rounds"] == 2
+
+
+def _battle_answer(server: str, bid: str, side: str) -> str:
+    req = urllib.request.Request(f"{server}/fedit/battles/{bid}/{side}", b"{}",
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    text, done = "", False
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    for line in raw.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[6:])
+            text += event.get("text", "")
+            done = done or event.get("done", False)
+    assert done, raw
+    assert "fed" not in raw.replace("fedit", "") and "hot" not in raw  # no model is named
+    return text
+
+
+def test_blind_battles_and_votes_under_concurrent_voters(
+    server: str, runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two hidden models per battle, names shown only after the vote; parallel voters lose
+    no vote; `fedit votes` counts exactly the votes cast."""
+    from fedit.evaluate.votes import load_votes
+
+    assert post(f"{server}/fedit/battles", {"prompt": " "})[0] == 400
+    status, made = post(f"{server}/fedit/battles", {"prompt": PROMPTS[0]})
+    assert status == 200 and set(made) == {"id"}  # the sides' models are not told
+    assert post(f"{server}/fedit/battles/{made['id']}/vote", {"winner": "a"})[0] == 409  # early
+    before = len(load_votes(runs["fed"])) if (runs["fed"] / "votes.sqlite").exists() else 0
+    ids = [made["id"]]
+    ids += [post(f"{server}/fedit/battles", {"prompt": p})[1]["id"] for p in PROMPTS[1:] * 2]
+    for bid in ids:
+        for side in ("a", "b"):
+            _battle_answer(server, bid, side)
+    winners = ["a", "b", "tie", "bad", "a", "a", "b"]
+    with ThreadPoolExecutor(max_workers=len(ids)) as pool:
+        replies = list(pool.map(lambda x: post(f"{server}/fedit/battles/{x[0]}/vote",
+                                               {"winner": x[1]}), zip(ids, winners, strict=True)))  # fmt: skip
+    assert all(s == 200 for s, _ in replies), replies
+    assert all({r["model_a"], r["model_b"]} <= {"base", "fed", "hot"} for _, r in replies)
+    assert all(r["model_a"] != r["model_b"] for _, r in replies)
+    assert post(f"{server}/fedit/battles/{ids[0]}/vote", {"winner": "b"})[0] == 409  # once
+    assert post(f"{server}/fedit/battles/{ids[1]}/vote", {"winner": "x"})[0] == 400
+    assert post(f"{server}/fedit/battles/nope/vote", {"winner": "a"})[0] == 404
+    rows = load_votes(runs["fed"])
+    assert len(rows) == before + len(ids)
+    mine = [r for r in rows if r["id"] in ids]
+    assert sorted(r["winner"] for r in mine) == sorted(winners)
+    assert all(r["answer_a"] is not None and r["answer_b"] is not None for r in mine)
+    assert main(["votes", str(runs["fed"])]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(rows)} votes: A " in out and "| 1 |" in out and "Bradley-Terry" in out
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver",
+)
+def test_votes_cast_in_a_real_browser_are_counted(
+    server: str, runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Chromium casts blind votes on the page; the names show only after each vote, and
+    `fedit votes` counts exactly those votes."""
+    from tools.arena_screenshot import drive_votes
+
+    from fedit.evaluate.votes import load_votes
+
+    before = len(load_votes(runs["fed"])) if (runs["fed"] / "votes.sqlite").exists() else 0
+    cast = drive_votes(server, ["a", "b", "tie"], CHROMIUM or "", DRIVER or "")
+    assert [c["hidden"] for c in cast] == ["Model A / Model B"] * 3  # no name before the vote
+    assert all("A was " in c["result"] and ", B was " in c["result"] for c in cast)
+    rows = load_votes(runs["fed"])
+    assert len(rows) == before + 3
+    assert [r["winner"] for r in rows[-3:]] == ["a", "b", "tie"]
+    for c, r in zip(cast, rows[-3:], strict=True):
+        assert f"A was {r['model_a']}, B was {r['model_b']}" in c["result"]
+    assert main(["votes", str(runs["fed"])]) == 0
+    assert f"{before + 3} votes: A " in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Drive the web page of a running `fedit serve` in headless Chromium: the arena view asks a
 held-out test question of two or more models, waits for their streamed answers and saves a
-screenshot. The browser test uses it; so does the README's picture:
+screenshot; the vote view casts blind votes (`drive_votes`). The browser tests use both; the
+README's picture comes from the first:
 
     fedit serve fedit=runs/quickstart --port 8000 &
     python tools/arena_screenshot.py http://127.0.0.1:8000 --models base fedit \
@@ -45,17 +46,10 @@ def drive_arena(
     timeout: float = 600.0,
 ) -> dict[str, dict[str, Any]]:
     """Ask `models` one prompt on the arena view; {model: {text, stats, reference}}."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    profile = tempfile.mkdtemp(prefix="fedit-chromium-")
-    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    browser, profile = _browser(chromium, driver)
     try:
         browser.get(f"{url}/#arena")
         wait = WebDriverWait(browser, timeout)
@@ -90,6 +84,52 @@ def drive_arena(
         browser.set_window_size(1400, max(900, min(int(height) + 40, 4000)))
         shot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(shot))
+        return out
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _browser(chromium: str, driver: str) -> tuple[Any, str]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="fedit-chromium-")
+    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options), profile
+
+
+def drive_votes(
+    url: str, winners: list[str], chromium: str, driver: str, timeout: float = 600.0
+) -> list[dict[str, str]]:
+    """On the vote view, one battle per entry of `winners` (a, b, tie or bad): a held-out
+    question to two hidden models, both answers awaited, that vote cast; what each vote
+    revealed ({winner, result})."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, profile = _browser(chromium, driver)
+    try:
+        browser.get(f"{url}/#vote")
+        wait = WebDriverWait(browser, timeout)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        out = []
+        for n, winner in enumerate(winners, start=1):
+            browser.find_element(By.ID, "vote-question").click()
+            wait.until(lambda b: b.find_element(By.ID, "vote-prompt").get_attribute("value"))
+            browser.find_element(By.ID, "vote-ask").click()
+            button = f"#vote-buttons button[data-winner='{winner}']"
+            wait.until(lambda b, sel=button: b.find_element(By.CSS_SELECTOR, sel).is_enabled())
+            heads = browser.find_elements(By.CSS_SELECTOR, "#view-vote .answer h3")
+            hidden = [h.text for h in heads]
+            browser.find_element(By.CSS_SELECTOR, button).click()
+            wait.until(lambda b, n=n: b.find_element(By.ID, "vote-result").get_attribute(
+                "data-voted") == str(n))  # fmt: skip
+            result = browser.find_element(By.ID, "vote-result").text
+            out.append({"winner": winner, "hidden": " / ".join(hidden), "result": result})
         return out
     finally:
         browser.quit()

@@ -27,9 +27,10 @@ from fedit.checkpoint import (
 )
 from fedit.client.runtime import ClientRuntime, check_client_data
 from fedit.config import Config, ConfigError, config_diff, config_from_dict, to_toml
-from fedit.data.partition import PARTITIONERS, Partition, format_stats, load_partition
+from fedit.data.partition import PARTITIONERS, Partition, load_partition
 from fedit.data.prompts import TEMPLATES
 from fedit.data.records import DataError
+from fedit.data.stats import format_stats
 from fedit.engines import Engine
 from fedit.fairness import fairness
 from fedit.files import append_line, atomic_json, atomic_lines, atomic_text, writable_folder

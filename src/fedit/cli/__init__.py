@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedit.cli.answers import cmd_chat, cmd_eval, cmd_generate, cmd_serve
+from fedit.cli.answers import cmd_chat, cmd_eval, cmd_generate, cmd_serve, cmd_votes
 from fedit.config import ConfigError, iter_keys, load_config, to_toml
 from fedit.errors import FeditError
 
@@ -128,6 +128,21 @@ def _parser() -> argparse.ArgumentParser:
         "--cors-origin", action="append", default=[], metavar="ORIGIN",
         help="origin allowed to call the API from a browser (repeatable; default any)",
     )  # fmt: skip
+    srv.add_argument(
+        "--votes", metavar="FILE",
+        help="SQLite file of the page's blind votes (default: votes.sqlite in the first "
+        "SOURCE folder; 'none' turns voting off)",
+    )  # fmt: skip
+
+    vot = sub.add_parser("votes", help="people's blind votes of fedit serve: win rates, ranking")
+    vot.add_argument("where", help="a folder holding votes.sqlite (or the file itself)")
+    vot.add_argument("--judge", action="store_true",
+                     help="also ask the LLM judge (judge.* of the folder's config.toml or "
+                     "--set) about the same pairs: its agreement with the votes")  # fmt: skip
+    vot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. judge.base_url=URL")  # fmt: skip
+    vot.add_argument("--draws", type=int, default=1000, help="bootstrap draws (default 1000)")
+    vot.add_argument("--out", help="also write the report (JSON) to this file")
 
     exp = sub.add_parser(
         "export", help="the adapter merged into the base as a HF model folder (or adapter only)"
@@ -213,13 +228,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from fedit.data.partition import (
-        format_stats,
-        make_partition,
-        partition_target,
-        write_partition,
-    )
+    from fedit.data.partition import make_partition, partition_target, write_partition
     from fedit.data.records import load_records
+    from fedit.data.stats import format_stats
 
     cfg = load_config(args.config, args.overrides)
     out = partition_target(Path(args.out), args.replace)
@@ -350,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "chat": cmd_chat,
         "serve": cmd_serve,
+        "votes": cmd_votes,
         "export": _cmd_export,
         "federate": _cmd_federate,
         "flower-app": _cmd_flower_app,

@@ -266,19 +266,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 run, client, Path(tmp.name) / s.name.replace("/", "_"), s.adapter
             )
             sources.append(Source(f"{s.name}/client-{client}", s.cfg, folder, dict(s.info)))
+    votes = None
+    if args.votes != "none":
+        from fedit.serve import VoteStore
+
+        folders = [Path(s.info["folder"]) for s in sources if s.info.get("folder")]
+        where = Path(args.votes) if args.votes else folders[0] / "votes.sqlite" if folders else None
+        votes = VoteStore(where) if where is not None else None
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     models = Models(sources, args.max_new_tokens)
 
     def ready(url: str) -> None:
         # The readiness line: scripts wait for it (and read the port when --port 0).
         names = ", ".join(models.names)
-        print(f"serving {names} on {url}/v1 (web page: {url}/)", flush=True)
+        kept = f"; votes in {votes.path}" if votes is not None else ""
+        print(f"serving {names} on {url}/v1 (web page: {url}/{kept})", flush=True)
 
     try:
-        run_server(models, sock, args.cors_origin or None, ready=ready)
+        run_server(models, sock, args.cors_origin or None, ready=ready, votes=votes)
     except KeyboardInterrupt:
         pass
     finally:
         sock.close()
         tmp.cleanup()
+    return 0
+
+
+def cmd_votes(args: argparse.Namespace) -> int:
+    from fedit.config import load_config
+    from fedit.evaluate.votes import judge_agreement, load_votes, markdown, summarize, votes_file
+
+    where = Path(args.where)
+    rows = load_votes(where)
+    report = summarize(rows, draws=args.draws)
+    agreement, judge_name = None, ""
+    if args.judge:
+        from fedit.evaluate.judge import Judge
+
+        folder = votes_file(where).parent
+        config = folder / "config.toml"
+        cfg = load_config(config if config.is_file() else None, args.overrides)
+        judge = Judge(cfg.judge, folder / "votes-judge-cache.jsonl")
+        judge_name = f"{cfg.judge.model} at {cfg.judge.base_url}"
+
+        def verdict(q: str, a: str, b: str) -> tuple[float | None, float | None]:
+            v = judge.pairwise(q, a, b)
+            return v.answer, v.other
+
+        agreement = judge_agreement(rows, verdict)
+        report["judge"] = {"model": cfg.judge.model, "base_url": cfg.judge.base_url, **agreement}
+    print(markdown(report, agreement, judge_name), end="")
+    if args.out:
+        atomic_json(Path(args.out), report)
     return 0

@@ -9,8 +9,11 @@ from collections.abc import Callable
 
 from fedit.serve.api import make_app
 from fedit.serve.models import BASE, Models, Source, expand_sources
+from fedit.serve.votes import VoteStore
 
-__all__ = ["BASE", "Models", "Source", "bind", "expand_sources", "make_app", "run_server"]
+__all__ = [
+    "BASE", "Models", "Source", "VoteStore", "bind", "expand_sources", "make_app", "run_server",
+]  # fmt: skip
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -35,6 +38,7 @@ def run_server(
     cors: list[str] | None = None,
     default_model: str | None = None,
     ready: Callable[[str], None] | None = None,
+    votes: VoteStore | None = None,
 ) -> None:
     """Serve until Ctrl-C / SIGTERM; `ready` gets the base URL once requests are accepted."""
     import uvicorn
@@ -46,7 +50,7 @@ def run_server(
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    app = make_app(models, cors, default_model)
+    app = make_app(models, cors, default_model, votes)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as
 server-sent events in the chunk format of OpenAI's clients), `GET /v1/models`, `GET /health`,
-the web page at `/` (chat and arena) and its data at `/fedit/models` and `/fedit/questions`.
+the web page at `/` (chat, arena and blind votes) and its data at `/fedit/models` and
+`/fedit/questions`; the battle and vote routes of `serve/votes.py`.
 
 Requests are checked in `serve/requests.py`. Generation runs in one worker thread, first come
 first served: the base model and its active adapter are shared, so one generation at a time
@@ -31,6 +32,7 @@ from fedit.inference import Answer
 from fedit.serve.models import BASE, ContextError, Models
 from fedit.serve.models import Request as Job
 from fedit.serve.requests import ApiError, Parsed, parse, read_body
+from fedit.serve.votes import VoteStore, add_routes
 
 log = logging.getLogger("fedit.serve")
 STATS = "fedit.stats"  # the request's token counts, for the access log
@@ -149,9 +151,13 @@ def _static(name: str) -> str:
 
 
 def make_app(
-    models: Models, cors: list[str] | None = None, default_model: str | None = None
+    models: Models,
+    cors: list[str] | None = None,
+    default_model: str | None = None,
+    votes: VoteStore | None = None,
 ) -> FastAPI:
-    """The FastAPI app over `models`; run it with uvicorn."""
+    """The FastAPI app over `models` (with blind battles and votes into `votes`); run it with
+    uvicorn."""
     api = Api(models, default_model)
     app = FastAPI(title="fedit", docs_url="/docs", redoc_url=None)
     app.state.api = api
@@ -317,6 +323,9 @@ def make_app(
                 }
             )
         return {"base_model": models.base_name, "default": api.default_model, "models": rows}
+
+    if votes is not None:
+        add_routes(app, api, votes)
 
     @app.get("/fedit/questions")
     async def questions() -> dict[str, Any]:

@@ -1,9 +1,10 @@
-// The fedit web page: chat with one served model, or ask several at once (arena).
+// The fedit web page: chat with one served model, ask several at once (arena), or vote
+// between two hidden ones (blind battles).
 // Plain JavaScript over the server's own OpenAI-compatible API; no build step.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { models: [], defaultModel: null, history: [], question: null };
+const state = { models: [], defaultModel: null, history: [], question: null, battle: null };
 
 async function getJSON(url) {
   const r = await fetch(url);
@@ -123,16 +124,21 @@ function chosenModels() {
   return [...document.querySelectorAll("#arena-models input:checked")].map((i) => i.value);
 }
 
+async function randomQuestion() {
+  const { questions } = await getJSON("/fedit/questions");
+  if (!questions.length) throw new Error("the held-out split is empty");
+  let q = questions[Math.floor(Math.random() * questions.length)];
+  if (questions.length > 1 && state.question) {
+    while (q.instruction === state.question.instruction) {
+      q = questions[Math.floor(Math.random() * questions.length)];
+    }
+  }
+  return q;
+}
+
 async function pickQuestion() {
   try {
-    const { questions } = await getJSON("/fedit/questions");
-    if (!questions.length) throw new Error("the held-out split is empty");
-    let q = questions[Math.floor(Math.random() * questions.length)];
-    if (questions.length > 1 && state.question) {
-      while (q.instruction === state.question.instruction) {
-        q = questions[Math.floor(Math.random() * questions.length)];
-      }
-    }
+    const q = await randomQuestion();
     state.question = q;
     $("#arena-prompt").value = q.context ? `${q.instruction}\n\n${q.context}` : q.instruction;
     $("#arena-reference-text").textContent = q.reference;
@@ -197,6 +203,101 @@ async function askAll(ev) {
   $("#arena-ask").disabled = false;
 }
 
+// ---- blind votes -------------------------------------------------------------------------
+async function postJSON(url, body) {
+  const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) });
+  const reply = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(reply.error ? reply.error.message : `HTTP ${r.status}`);
+  return reply;
+}
+
+// One side's answer of a battle, streamed; the events name no model.
+async function streamSide(id, side, onText) {
+  const t0 = performance.now();
+  const r = await fetch(`/fedit/battles/${id}/${side}`, { method: "POST" });
+  if (!r.ok) throw new Error(`HTTP ${r.status}`);
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", done = false;
+  for (;;) {
+    const chunk = await reader.read();
+    if (chunk.done) break;
+    buffer += decoder.decode(chunk.value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const event = JSON.parse(line.slice(6));
+      if (event.error) throw new Error(event.error.message);
+      if (event.text) onText(event.text);
+      if (event.done) done = true;
+    }
+  }
+  if (!done) throw new Error("the answer was cut off");
+  return (performance.now() - t0) / 1000;
+}
+
+function voteButtons(enabled) {
+  for (const b of document.querySelectorAll("#vote-buttons button")) b.disabled = !enabled;
+}
+
+async function countVotes() {
+  const v = await getJSON("/fedit/votes");
+  $("#vote-count").textContent = `${v.votes} votes so far`;
+}
+
+async function askTwo(ev) {
+  ev.preventDefault();
+  const prompt = $("#vote-prompt").value.trim();
+  if (!prompt) return;
+  $("#vote-ask").disabled = true;
+  voteButtons(false);
+  $("#vote-result").textContent = "";
+  try {
+    const { id } = await postJSON("/fedit/battles", { prompt });
+    state.battle = id;
+    for (const side of ["a", "b"]) {
+      const card = $(`#vote-${side}`);
+      card.querySelector("h3").textContent = `Model ${side.toUpperCase()}`;
+      card.querySelector(".text").textContent = "";
+      card.querySelector(".stats").textContent = "waiting…";
+      delete card.dataset.done;
+    }
+    for (const side of ["a", "b"]) {  // the server answers one at a time anyway
+      const card = $(`#vote-${side}`);
+      let answer = "";
+      const seconds = await streamSide(id, side, (t) => {
+        answer += t;
+        card.querySelector(".text").textContent = answer;
+        card.querySelector(".stats").textContent = "streaming…";
+      });
+      card.querySelector(".stats").textContent = `${seconds.toFixed(1)} s`;
+      card.dataset.done = "1";
+    }
+    voteButtons(true);
+  } catch (e) {
+    $("#vote-result").textContent = `failed: ${e.message || e}`;
+  }
+  $("#vote-ask").disabled = false;
+}
+
+async function castVote(winner) {
+  voteButtons(false);
+  try {
+    const r = await postJSON(`/fedit/battles/${state.battle}/vote`, { winner });
+    $("#vote-a h3").textContent = `Model A: ${r.model_a}`;
+    $("#vote-b h3").textContent = `Model B: ${r.model_b}`;
+    const said = { a: "A is better", b: "B is better", tie: "a tie", bad: "both are bad" }[winner];
+    $("#vote-result").textContent = `Thanks: you said ${said}. A was ${r.model_a}, B was ${r.model_b}.`;
+    $("#vote-result").dataset.voted = String(Number($("#vote-result").dataset.voted || 0) + 1);
+    await countVotes();
+  } catch (e) {
+    $("#vote-result").textContent = `not counted: ${e.message || e}`;
+  }
+}
+
 // ---- start -------------------------------------------------------------------------------
 function show(view) {
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.view === view);
@@ -236,7 +337,22 @@ async function start() {
   $("#chat-reset").addEventListener("click", () => { state.history = []; $("#chat-log").replaceChildren(); });
   $("#arena-form").addEventListener("submit", askAll);
   $("#arena-question").addEventListener("click", pickQuestion);
+  try {  // votes are on where the server keeps a votes file
+    await countVotes();
+    $("#tab-vote").classList.remove("hidden");
+    $("#vote-form").addEventListener("submit", askTwo);
+    $("#vote-question").addEventListener("click", async () => {
+      try {
+        const q = await randomQuestion();
+        $("#vote-prompt").value = q.context ? `${q.instruction}\n\n${q.context}` : q.instruction;
+      } catch (e) { alert(`No held-out questions: ${e.message || e}`); }
+    });
+    for (const b of document.querySelectorAll("#vote-buttons button")) {
+      b.addEventListener("click", () => castVote(b.dataset.winner));
+    }
+  } catch (e) { /* no votes file: no Vote tab */ }
   if (location.hash === "#arena") show("arena");
+  if (location.hash === "#vote") show("vote");
   document.body.dataset.ready = "1";
 }
 
