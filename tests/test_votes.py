@@ -67,3 +67,33 @@ def test_votes_file_errors_name_the_file(tmp_path: Path) -> None:
     assert sqlite3.connect(good / "votes.sqlite").execute("PRAGMA journal_mode").fetchone() == (
         "wal",
     )
+
+
+def test_fedit_votes_asks_the_judge_about_the_same_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedit.cli import main
+    from fedit.config import load_config
+    from tests.test_evaluation import Scripted
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    for i, winner in enumerate(("a", "tie", "b", "bad")):
+        bid = store.new_battle(f"Name river {i}.", ["x", "y"])
+        store.answered(bid, "a", f"Nile {i}")
+        store.answered(bid, "b", f"Rome {i}")
+        store.vote(bid, winner, "tester")
+    # A judge that always prefers the first answer: asked in both orders, every pair is a tie.
+    judge = Scripted([])
+    try:
+        args = ["votes", str(tmp_path), "--judge", "--set", f"judge.base_url={judge.url}",
+                "--set", "judge.model=scripted", "--out", str(tmp_path / "report.json")]  # fmt: skip
+        assert main(args) == 0
+    finally:
+        judge.close()
+    out = capsys.readouterr().out
+    assert "4 votes: A 1, B 1, tie 1, both bad 1" in out
+    assert "Judge scripted at" in out and "agreement with the votes 0.500" in out
+    repeats = load_config().judge.repeats
+    assert len(judge.seen) == 4 * 2 * repeats  # both orders of each pair, judge.repeats times
+    assert main(args) == 0  # judged once: the rerun asks nothing
+    assert len(judge.seen) == 4 * 2 * repeats
