@@ -357,3 +357,24 @@ def test_votes_cast_in_a_real_browser_are_counted(
         assert f"A was {r['model_a']}, B was {r['model_b']}" in c["result"]
     assert main(["votes", str(runs["fed"])]) == 0
     assert f"{before + 3} votes: A " in capsys.readouterr().out
+
+
+def test_judge_check_against_fedit_serve(server: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`fedit judge-check` with a served fedit model as the judge: the recorded Vicuna-80
+    pairs go over HTTP and the agreement table is printed (a random tiny model's replies hold
+    no scores: they are counted as unparsed, not guessed)."""
+    from fedit.data.records import DataError
+    from fedit.evaluate.vicuna import vicuna_folder
+
+    try:
+        vicuna_folder()
+    except DataError as e:
+        pytest.skip(f"the Vicuna-80 files are not here: {e}")
+    args = ["judge-check", "--set", f"judge.base_url={server}/v1", "--set", "judge.model=fed",
+            "--set", "judge.max_tokens=8", "--limit", "3", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Judge fed at" in out and "| **all** | 3 |" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pairs"] == 3 and 0 <= report["parsed"] <= 3

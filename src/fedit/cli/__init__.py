@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedit.cli.answers import cmd_chat, cmd_eval, cmd_generate, cmd_serve, cmd_votes
+from fedit.cli.answers import (
+    cmd_chat,
+    cmd_eval,
+    cmd_generate,
+    cmd_judge_check,
+    cmd_serve,
+    cmd_votes,
+)
 from fedit.config import ConfigError, iter_keys, load_config, to_toml
 from fedit.errors import FeditError
 
@@ -133,6 +140,19 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite file of the page's blind votes (default: votes.sqlite in the first "
         "SOURCE folder; 'none' turns voting off)",
     )  # fmt: skip
+
+    jc = sub.add_parser(
+        "judge-check", help="the configured LLM judge against GPT-4's recorded Vicuna-80 reviews"
+    )
+    jc.add_argument("config", nargs="?", help="a TOML config or run folder (its judge.*)")
+    jc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. judge.base_url=URL")  # fmt: skip
+    jc.add_argument("--data", help="the Vicuna-80 folder (default: eval/vicuna80 in "
+                    "$FEDIT_DATA_DIR)")  # fmt: skip
+    jc.add_argument("--limit", type=int, default=0,
+                    help="a seeded sample of this many recorded pairs (default: all)")  # fmt: skip
+    jc.add_argument("--out", default="runs/judge-check",
+                    help="folder for the report and the judge's cache")  # fmt: skip
 
     vot = sub.add_parser("votes", help="people's blind votes of fedit serve: win rates, ranking")
     vot.add_argument("where", help="a folder holding votes.sqlite (or the file itself)")
@@ -362,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chat": cmd_chat,
         "serve": cmd_serve,
         "votes": cmd_votes,
+        "judge-check": cmd_judge_check,
         "export": _cmd_export,
         "federate": _cmd_federate,
         "flower-app": _cmd_flower_app,

@@ -319,3 +319,35 @@ def cmd_votes(args: argparse.Namespace) -> int:
     if args.out:
         atomic_json(Path(args.out), report)
     return 0
+
+
+def cmd_judge_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedit.config import load_config
+    from fedit.evaluate.judge import Judge
+    from fedit.evaluate.vicuna import judge_check, load_pairs, load_prompts, markdown, vicuna_folder
+    from fedit.progress import Progress
+
+    cfg = load_config(args.config, args.overrides)
+    folder = vicuna_folder(args.data)
+    prompts, pairs = load_prompts(folder), load_pairs(folder)
+    if args.limit and args.limit < len(pairs):
+        keep = np.random.default_rng(0).choice(len(pairs), args.limit, replace=False)
+        pairs = [pairs[int(i)] for i in sorted(keep)]
+    out = Path(args.out)
+    judge = Judge(cfg.judge, out / "judge-cache.jsonl")
+    progress = Progress()
+
+    def shown(i: int, n: int) -> None:
+        if i == n or i % 10 == 0:
+            progress.log(f"judged {i}/{n} pairs ({judge.requests} requests, the rest cached)")
+
+    report = judge_check(pairs, prompts, lambda system, user: judge.ask(user, 0, system), shown)
+    name = f"{cfg.judge.model} at {cfg.judge.base_url}"
+    report.update(judge=cfg.judge.model, base_url=cfg.judge.base_url, data=str(folder))
+    table = markdown(report, name)
+    atomic_json(out / "report.json", report)
+    atomic_text(out / "report.md", table)
+    print(table, end="")
+    return 0

@@ -30,6 +30,10 @@ class JudgeError(FeditError, RuntimeError):
     """The judge endpoint cannot be used; what was judged before stays cached."""
 
 
+class JudgeRefused(JudgeError):
+    """The endpoint refused this one request (e.g. a prompt over its context): others may pass."""
+
+
 SYSTEM = "You are a careful, impartial judge of answers written by AI assistants."
 
 PAIRWISE = """[Question]
@@ -183,7 +187,7 @@ class Judge:
                         f"judge {self.url}: {last} — is ${self.cfg.api_key_env} set to a valid key?"
                     ) from None
                 if e.code < 500 and e.code != 429:
-                    raise JudgeError(f"judge {self.url}: request refused: {last}") from None
+                    raise JudgeRefused(f"judge {self.url}: request refused: {last}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"cannot reach the endpoint: {getattr(e, 'reason', e)}"
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
@@ -193,8 +197,8 @@ class Judge:
             f"{len(self.cache.entries)} earlier judgments are kept in {self.cache.path}"
         )
 
-    def ask(self, prompt: str, repeat: int) -> str:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    def ask(self, prompt: str, repeat: int, system: str = SYSTEM) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
         key = self._key(messages, repeat)
         cached = self.cache.get(key)
         if cached is not None:
