@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     _source_args(ev)
     ev.add_argument("--out", help="folder for eval.json, answers and the judge cache")
     ev.add_argument("--no-generate", action="store_true", help="loss only, no answers")
+    ev.add_argument(
+        "--suite", action="append", default=[], metavar="NAME",
+        help="score on a question set instead (repeatable): dolly-test, vicuna80, mt-bench, "
+        "self-instruct, fed-aya, vicuna80-LANG, or your own .jsonl",
+    )  # fmt: skip
 
     gen = sub.add_parser("generate", help="answer one prompt or a JSONL file of prompts")
     _source_args(gen)

@@ -70,6 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedit.evaluate.scoring import held_out, score_model
     from fedit.progress import Progress
 
+    if args.suite:
+        return _eval_suites(args)
     loaded = load_source(args)
     cfg = loaded.cfg
     out = Path(args.out) if args.out else None
@@ -350,4 +352,44 @@ def cmd_judge_check(args: argparse.Namespace) -> int:
     atomic_json(out / "report.json", report)
     atomic_text(out / "report.md", table)
     print(table, end="")
+    return 0
+
+
+def _eval_suites(args: argparse.Namespace) -> int:
+    from fedit.evaluate.generation import Embedder
+    from fedit.evaluate.suite_scoring import score_suite
+    from fedit.evaluate.suites import load_suite, suite_answers, suite_label
+    from fedit.inference import resolve_source
+    from fedit.progress import Progress
+
+    probe, _ = resolve_source(args.source, args.overrides)
+    # Every suite file is read and checked before the model loads.
+    items = {name: load_suite(name, probe) for name in args.suite}
+    loaded = load_source(args)
+    cfg = loaded.cfg
+    source = Path(args.source)
+    out = Path(args.out) if args.out else (source if source.is_dir() else Path("runs")) / "eval"
+    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder else None
+    progress = Progress()
+    who = "base" if args.base else f"client-{args.client}" if args.client is not None else "adapter"
+    for name, suite in items.items():
+        label = suite_label(name)
+        rows = suite_answers(
+            loaded, name, suite, out / "answers" / f"{who}-{label}.jsonl", progress
+        )
+        scores = score_suite(cfg, rows, embedder, out / "judge_cache.jsonl", progress)
+        result = {"suite": name, "model": cfg.model.name, "adapter": str(loaded.adapter), **scores}
+        atomic_json(out / "suites" / f"{who}-{label}.json", result)
+        line = f"{name}: {result['items']} items, {result['answers']} answers"
+        ref = result.get("reference")
+        if ref:
+            line += f"  ROUGE-L {ref['rougeL']:.4f}"
+            if ref.get("similarity") is not None:
+                line += f"  similarity {ref['similarity']:.4f}"
+        j = result.get("judge")
+        if j:
+            score = "-" if j["score"] is None else f"{j['score']:.2f}"
+            line += f"  judge {j['judge']}: {score}/10 ({j['unparsed_replies']} unreadable)"
+        print(line)
+    print(f"written: {out / 'suites'}")
     return 0

@@ -23,9 +23,25 @@ class EvalConfig:
     max_examples: int = opt(
         0, "Evaluate on at most N test examples (0 = all), same ones each round."
     )
+    suites: list[str] = opt(
+        [],
+        "Question sets every arm of `fedit compare` is also scored on: dolly-test, vicuna80, "
+        "mt-bench, self-instruct, fed-aya, vicuna80-LANG, or a path to your own .jsonl.",
+    )
+    suite_items: int = opt(
+        0, "At most N items per suite (a seeded sample, the same for every model; 0 = all)."
+    )
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "eval.every", "must be >= 0")
+        check(self.suite_items >= 0, "eval.suite_items", "must be >= 0")
+        known = ("dolly-test", "vicuna80", "mt-bench", "self-instruct", "fed-aya")
+        for i, name in enumerate(self.suites):
+            check(
+                name in known or name.startswith("vicuna80-") or name.endswith((".jsonl", ".json")),
+                f"eval.suites[{i}]",
+                f"unknown suite {name!r}; known: {', '.join(known)}, vicuna80-LANG, or a .jsonl",
+            )
         check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
         check(self.max_examples >= 0, "eval.max_examples", "must be >= 0")
 

@@ -95,6 +95,9 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     if cfg.eval.every == 0:
         raise ConfigError("compare: eval.every=0 leaves the arms without a held-out loss")
     arms = list(dict.fromkeys(cfg.compare.arms))
+    from fedit.evaluate.suites import load_suite, suite_answers, suite_label
+
+    suites = {name: load_suite(name, cfg) for name in cfg.eval.suites}  # checked before training
     out.mkdir(parents=True, exist_ok=True)
     atomic_text(out / "config.toml", to_toml(cfg))
     partition = load_partition(cfg)
@@ -182,6 +185,13 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
         for key in ("eval", "judge"):
             if key in s:
                 flat[key] = s[key]
+        for name, items in suites.items():  # the same arm on other question sets
+            from fedit.evaluate.suite_scoring import score_suite
+
+            path = out / "answers" / f"{label}-{suite_label(name)}.jsonl"
+            rows = suite_answers(loaded, name, items, path, progress)
+            cache = out / "judge_cache.jsonl"
+            flat.setdefault("suites", {})[name] = score_suite(cfg, rows, embedder, cache, progress)
         return flat
 
     results: dict[str, Any] = {
@@ -325,6 +335,20 @@ def _local_summary(per_client: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = mean_of(key)
             vals = [p[key] for p in per_client if p.get(key) is not None]
             out[f"{key}_std"] = statistics.pstdev(vals) if vals else None
+    suites: dict[str, Any] = {}
+    for name in per_client[0].get("suites", {}):  # each suite: the mean over the clients
+        got = [p["suites"][name] for p in per_client]
+        one: dict[str, Any] = {"answers": got[0].get("answers", 0)}
+        refs = [g["reference"]["rougeL"] for g in got if g.get("reference")]
+        if refs:
+            one["reference"] = {"rougeL": statistics.fmean(refs)}
+        marks = [(g.get("judge") or {}).get("score") for g in got]
+        grades = [m for m in marks if m is not None]
+        if grades:
+            one["judge"] = {"score": statistics.fmean(grades)}
+        suites[name] = one
+    if suites:
+        out["suites"] = suites
     judged = [p["judge"] for p in per_client if "judge" in p]
     if judged:
         out["judge"] = {

@@ -172,9 +172,33 @@ def own_data_markdown(own: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def suites_markdown(results: dict[str, Any]) -> str:
+    """Every arm on the other question sets: ROUGE-L against references, the judge's 1-10."""
+    arms = {a: v for a, v in results["arms"].items() if v.get("suites")}
+    if not arms:
+        return ""
+    names = list(next(iter(arms.values()))["suites"])
+    lines = ["", "### Other question sets (each arm's answers; ROUGE-L against the references, "
+             "the judge's MT-Bench grade 1-10 where a judge is set)", "",
+             "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for arm, v in arms.items():
+        cells = []
+        for n in names:
+            s = v["suites"].get(n, {})
+            parts = []
+            if s.get("reference"):
+                parts.append(f"ROUGE-L {_f(s['reference']['rougeL'])}")
+            if s.get("judge") and s["judge"].get("score") is not None:
+                parts.append(f"judge {s['judge']['score']:.2f}")
+            cells.append(", ".join(parts) or f"{s.get('answers', 0)} answers")
+        lines.append(f"| {ARM_NAMES.get(arm, arm)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     text = markdown(results)
     if results.get("own_data"):
         text += own_data_markdown(results["own_data"])
+    text += suites_markdown(results)
     atomic_text(out / "results.md", text)
     plots(results, out)
