@@ -272,8 +272,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.votes != "none":
         from fedit.serve import VoteStore
 
-        folders = [Path(s.info["folder"]) for s in sources if s.info.get("folder")]
-        where = Path(args.votes) if args.votes else folders[0] / "votes.sqlite" if folders else None
+        first = Path(args.sources[0].split("=", 1)[-1])  # the run or compare folder named first
+        where = (
+            Path(args.votes) if args.votes else first / "votes.sqlite" if first.is_dir() else None
+        )
         votes = VoteStore(where) if where is not None else None
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     models = Models(sources, args.max_new_tokens)

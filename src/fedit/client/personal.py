@@ -144,9 +144,23 @@ def _finetune(cfg: Config) -> Personalizer:
     return FineTune(cfg)
 
 
-class Ditto(Personalizer):
+class Kept(Personalizer):
+    """A method whose personal model is the adapter the client keeps."""
+
     keeps_state = True
 
+    def model(
+        self,
+        model: Any,
+        task: Task,
+        examples: list[Example],
+        personal: AdapterState | None,
+        pad_id: int,
+    ) -> AdapterState | None:
+        return personal
+
+
+class Ditto(Kept):
     def after(
         self,
         model: Any,
@@ -168,16 +182,6 @@ class Ditto(Personalizer):
             plan=ClientPlan(prox_mu=self.p.ditto_lambda),
             anchor=task.adapter,
         ).state
-
-    def model(
-        self,
-        model: Any,
-        task: Task,
-        examples: list[Example],
-        personal: AdapterState | None,
-        pad_id: int,
-    ) -> AdapterState | None:
-        return personal
 
 
 @PERSONALIZERS.register("ditto")
@@ -226,9 +230,7 @@ def _fedsa(cfg: Config) -> Personalizer:
 FEDDPA_TRAIN_WEIGHT = 0.5  # the local adapter's share while it trains (the paper's code)
 
 
-class FedDPA(Personalizer):
-    keeps_state = True
-
+class FedDPA(Kept):
     def after(
         self,
         model: Any,
@@ -253,16 +255,6 @@ class FedDPA(Personalizer):
                 seed=derive_seed(self.cfg.seed, "feddpa", task.round, task.client),
                 pad_token_id=pad_id,
             ).state
-
-    def model(
-        self,
-        model: Any,
-        task: Task,
-        examples: list[Example],
-        personal: AdapterState | None,
-        pad_id: int,
-    ) -> AdapterState | None:
-        return personal
 
     def score(
         self,
