@@ -122,12 +122,15 @@ def _ms(xs: list[float]) -> str:
 
 def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, str]) -> str:
     lines = [
-        f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds).",
+        f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds; each seed draws its own "
+        "split, training order and LoRA init).",
         "",
         "| method | global test loss | own-data loss, global adapter (mean / worst client) "
-        "| own-data loss, personal model (mean / worst client) | clients helped / hurt |",
-        "|---|---|---|---|---|",
+        "| own-data loss, personal model (mean / worst client) | clients helped / hurt "
+        "| personal − FedIT, paired by seed (mean / worst client) |",
+        "|---|---|---|---|---|---|",
     ]
+    base = {r["seed"]: r for r in rows if r["method"] == "none"}
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
@@ -152,13 +155,23 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, st
                 cells.append("-")
         else:
             cells += ["(the global adapter)", "-"]
+        paired = [r for r in rs if "personal_mean" in r and r["seed"] in base]
+        if paired and m != "none":
+            d_mean = [r["personal_mean"] - base[r["seed"]]["global_mean"] for r in paired]
+            d_worst = [r["personal_worst"] - base[r["seed"]]["global_worst"] for r in paired]
+            cells.append(f"{_ms(d_mean)} / {_ms(d_worst)}")
+        else:
+            cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
-    clients = sorted({c for r in rows for c in r["clients"]}, key=int)
-    fedit = [r for r in rows if r["method"] == "none"]
+    # A seed draws its own split too: client c of one seed is not client c of another, so
+    # the per-client view is of the first seed alone.
+    first = [r for r in rows if r["seed"] == seeds[0]]
+    clients = sorted({c for r in first for c in r["clients"]}, key=int)
+    fedit = [r for r in first if r["method"] == "none"]
     lines += [
         "",
-        "Per client, own-data loss (mean over seeds): FedIT's global adapter, then each "
-        "client's personal model (local: the client tuned alone):",
+        f"Per client (seed {seeds[0]}; each seed draws its own split), own-data loss: FedIT's "
+        "global adapter, then each client's personal model (local: the client tuned alone):",
         "",
         "| client | " + ("domain | " if domains else "") + "FedIT | "
         + " | ".join(m for m in methods if m != "none") + " |",
@@ -168,7 +181,7 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, st
         cells = [c, *([domains.get(c, "?")] if domains else [])]
         cells.append(_ms([r["clients"][c]["loss"] for r in fedit if c in r["clients"]]))
         for m in methods[1:]:
-            vs = [r["clients"][c]["personal"] for r in rows
+            vs = [r["clients"][c]["personal"] for r in first
                   if r["method"] == m and "personal" in r["clients"].get(c, {})]  # fmt: skip
             cells.append(_ms(vs) if vs else "-")
         lines.append("| " + " | ".join(cells) + " |")
