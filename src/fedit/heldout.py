@@ -48,7 +48,8 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
     was_training = model.training
     model.eval()
     per_cat: dict[str, list[float]] = {}
-    per_tag: dict[tuple[str, str], list[float]] = {}
+    per_tag: dict[tuple[str, str], list[float]] = {}  # [loss sum, tokens, example means, examples]
+    per_tag_cat: dict[tuple[str, str, str], list[float]] = {}
     total_loss, total_tokens = 0.0, 0
     try:
         for idx in eval_set.batches:
@@ -59,9 +60,14 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
                 acc[0] += lo
                 acc[1] += n
                 for tag in ex.tags.items():
-                    t = per_tag.setdefault(tag, [0.0, 0])
+                    t = per_tag.setdefault(tag, [0.0, 0, 0.0, 0])
                     t[0] += lo
                     t[1] += n
+                    t[2] += lo / max(n, 1)
+                    t[3] += 1
+                    tc = per_tag_cat.setdefault((*tag, ex.category), [0.0, 0])
+                    tc[0] += lo
+                    tc[1] += n
                 total_loss += lo
                 total_tokens += n
     finally:
@@ -71,9 +77,29 @@ def evaluate_loss(model: Any, eval_set: EvalSet, pad_token_id: int) -> dict[str,
     result["per_category"] = cats
     if per_tag:  # data.sources: the same per source and per tag value
         tags: dict[str, dict[str, dict[str, float]]] = {}
-        for (name, value), (s, n) in sorted(per_tag.items()):
-            tags.setdefault(name, {})[value] = _summary(s, int(n))
+        for (name, value), (s, n, means, k) in sorted(per_tag.items()):
+            # Per token, and per example (each example's mean token loss, averaged): a language
+            # its tokenizer splits finely weighs more per token than per example.
+            tags.setdefault(name, {})[value] = {
+                **_summary(s, int(n)),
+                "example_loss": means / k,
+                "examples": float(k),
+            }
         result["per_tag"] = tags
+        by_cat: dict[str, dict[str, dict[str, float]]] = {}
+        for (name, value, cat), (s, n) in sorted(per_tag_cat.items()):
+            by_cat.setdefault(name, {}).setdefault(value, {})[cat] = _summary(s, int(n))["loss"]
+        result["per_tag_category"] = by_cat
+        gaps: dict[str, dict[str, Any]] = {}
+        for name, values in tags.items():
+            if len(values) > 1:  # the worst value against the best: the gap between languages
+                by_value = {v: x["loss"] for v, x in values.items()}
+                worst, best = (
+                    max(by_value, key=by_value.__getitem__),
+                    min(by_value, key=by_value.__getitem__),
+                )
+                gaps[name] = {"gap": by_value[worst] - by_value[best], "worst": worst, "best": best}
+        result["tag_gap"] = gaps
     losses_by_cat = [v["loss"] for v in cats.values()]
     if losses_by_cat:
         # The spread across domains, not only the mean (fairness across categories).

@@ -112,6 +112,11 @@ class DataConfig:
     test_per_category: int = opt(
         10, "Held-out global test examples drawn per category before partitioning."
     )
+    test_split_by: list[str] = opt(
+        [],
+        "Tags of data.sources the test split is also drawn per, e.g. ['language']: "
+        "test_per_category per category and language, so each language has its own test set.",
+    )
     client_test_fraction: float = opt(
         0.0,
         "Hold out this fraction of each client's own records (at least one, seeded per client, "
@@ -171,6 +176,14 @@ class DataConfig:
             )
         for i, src in enumerate(self.sources):
             check_source(src, f"data.sources[{i}]")
+        for name in self.test_split_by:
+            check(bool(self.sources), "data.test_split_by", "needs data.sources with tags")
+            for i, src in enumerate(self.sources):
+                check(
+                    name in src.get("tags", {}) or name == "source",
+                    f"data.sources[{i}].tags.{name}",
+                    f"missing: data.test_split_by asks for a {name!r} tag on every source",
+                )
         counted = [bool(src.get("clients")) for src in self.sources]
         if any(counted):
             i = counted.index(False) if not all(counted) else -1

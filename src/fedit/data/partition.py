@@ -39,12 +39,17 @@ class Partition:
 
 
 def split_test(
-    records: Sequence[Record], per_category: int, rng: np.random.Generator
+    records: Sequence[Record],
+    per_category: int,
+    rng: np.random.Generator,
+    by: Sequence[str] = (),
 ) -> tuple[list[int], list[int]]:
-    """Stratified held-out set: `per_category` per category, never more than half of one."""
-    by_cat: dict[str, list[int]] = {}
+    """Stratified held-out set: `per_category` per category (and per value of the tags `by`),
+    never more than half of one."""
+    by_cat: dict[tuple[str, ...], list[int]] = {}
     for i, r in enumerate(records):
-        by_cat.setdefault(r.category, []).append(i)
+        key = (*(r.tags.get(t, "") for t in by), r.category)
+        by_cat.setdefault(key, []).append(i)
     test: list[int] = []
     for cat in sorted(by_cat):
         idx = by_cat[cat]
@@ -194,8 +199,9 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
         keep = generator(cfg.seed, "subsample").choice(len(records), cfg.data.max_records, False)
         records = [records[i] for i in sorted(keep)]
     train_idx, test_idx = split_test(
-        records, cfg.data.test_per_category, generator(cfg.seed, "test-split")
-    )
+        records, cfg.data.test_per_category, generator(cfg.seed, "test-split"),
+        cfg.data.test_split_by,
+    )  # fmt: skip
     train = [records[i] for i in train_idx]
     parts = _split(train, cfg)
     clients = [[train[i] for i in p] for p in parts]

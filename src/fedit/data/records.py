@@ -309,6 +309,7 @@ def _load_sources(cfg: DataConfig) -> tuple[list[Record], LoadReport]:
             fields=src.get("fields", {}),
             roles=src.get("roles", {}),
             sources=[],
+            test_split_by=[],
         )
         records, report = load_records(one)
         tags = {"source": Path(src["path"]).stem, **src.get("tags", {})}

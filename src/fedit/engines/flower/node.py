@@ -163,7 +163,8 @@ class NodeState:
         if data_path:
             # A node with only its own records: they are one client, whose id comes from the
             # node config (it seeds the client's training).
-            cfg = variant(cfg, data={"path": str(data_path), "max_records": 0, "sources": []})
+            mine = {"path": str(data_path), "max_records": 0, "sources": [], "test_split_by": []}
+            cfg = variant(cfg, data=mine)
             self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
             records, _ = load_records(cfg.data)
             own_path = node_config.get("own-data-path")
