@@ -38,6 +38,9 @@ class Board:
         for tag, values in (ev.get("per_tag") or {}).items():
             for value, v in values.items():
                 scalar(f"heldout_{tag}/{value}", v.get("loss"))
+                scalar(f"heldout_{tag}_per_example/{value}", v.get("example_loss"))
+        for tag, gap in (ev.get("tag_gap") or {}).items():
+            scalar(f"heldout_{tag}/gap", gap.get("gap"))
         for key, value in ((ev.get("fairness") or {}).get("clients") or {}).items():
             scalar(f"fairness_clients/{key}", value)
         own = ev.get("own_data") or {}
