@@ -69,3 +69,61 @@ def test_a_missing_language_tag_is_refused_before_loading(data_file: Path) -> No
         tiny_config(data_file, data={"sources": sources, "test_split_by": ["language"]})
     with pytest.raises(ConfigError, match="needs data.sources"):
         tiny_config(data_file, data={"test_split_by": ["language"]})
+
+
+def test_tag_mix_holds_the_language_mix_on_hand_numbers() -> None:
+    import numpy as np
+
+    from fedit.server.selection import Selection, tag_mix
+
+    tags = [{"language": "en"}] * 8 + [{"language": "ja"}] * 2
+    for rnd in range(20):
+        s = Selection(rnd, 5, [10] * 10, np.random.default_rng(rnd), tags=tags, tag="language",
+                      shares={"en": 0.6, "ja": 0.4})  # fmt: skip
+        got = tag_mix(s)
+        assert len(got) == 5 and sum(c >= 8 for c in got) == 2  # 5 x 0.4 = 2 Japanese
+    # Without shares: each language's share of the clients (8:2 of 5 -> 4 and 1).
+    s = Selection(0, 5, [10] * 10, np.random.default_rng(0), tags=tags, tag="language")
+    assert sum(c >= 8 for c in tag_mix(s)) == 1
+    # A language short of online clients leaves its places to the others.
+    s = Selection(0, 4, [10] * 10, np.random.default_rng(0), available=[0, 1, 2, 3, 4, 8],
+                  tags=tags, tag="language", shares={"en": 0.25, "ja": 0.75})  # fmt: skip
+    got = tag_mix(s)
+    assert len(got) == 4 and 8 in got
+
+
+def test_weight_by_tokens_and_tag_mix_end_to_end(tmp_path: Path, data_file: Path) -> None:
+    cfg = variant(_tiny(2), federation={"selection": "tag_mix", "clients_per_round": 2},
+                  selection={"tag": "language", "shares": {"en": 0.5, "ja": 0.5}},
+                  strategy={"weight_by": "tokens"})  # fmt: skip
+    result = run_federation(cfg, tmp_path / "run")
+    for h in result.history[1:]:
+        assert h["clients"][-1] == 2 and len(h["clients"]) == 2  # one English, one Japanese
+        tokens = [m["data_tokens"] for m in h["client_metrics"]]
+        assert all(t > 0 for t in tokens)
+    # FedAvg by tokens: the round's adapter is the token-weighted mean of the clients' own.
+    from fedit.client.runtime import ClientRuntime
+    from fedit.engines.inprocess import InProcess
+    from fedit.lora import load_lora_model
+    from fedit.protocol import Update
+    from tests.test_personal import Recording
+
+    one = variant(cfg, federation={"rounds": 1}, eval={"every": 0})
+    split = load_partition(one)
+    engine = Recording(
+        InProcess(ClientRuntime(one, load_lora_model(one), dict(enumerate(split.clients))))
+    )
+    got = run_federation(one, engine=engine).adapter
+    ups = [Update.from_payload(p) for p in engine.received]
+    t = [u.metrics["data_tokens"] for u in ups]
+    assert t[0] != t[1] and all(u.num_examples for u in ups)
+    for k, v in got.items():
+        want = sum(ti * u.state[k].double() for ti, u in zip(t, ups, strict=True)) / sum(t)
+        assert torch.allclose(v.double(), want, atol=1e-6), k
+
+    with pytest.raises(ConfigError, match=r"selection\.tag"):
+        variant(cfg, selection={"tag": ""})
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.tags\.topic"):
+        variant(cfg, selection={"tag": "topic"})
+    with pytest.raises(ConfigError, match="weight_by='tokens'"):
+        variant(cfg, privacy={"clip_norm": 1.0, "noise_multiplier": 0.5})

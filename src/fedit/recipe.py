@@ -146,8 +146,9 @@ def setup_run(
         check_client_data(dict(enumerate(partition.clients)), lm.tokenizer, cfg)
         engine = local_engine(cfg, lm, partition, progress, state_dir)
     server = Server(
-        cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories
-    )
+        cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories,
+        getattr(engine, "tags", []),
+    )  # fmt: skip
     return Setup(cfg, partition, lm, held, engine, server)
 
 
@@ -163,7 +164,10 @@ def local_engine(
         from fedit.engines.pool import WorkerPool
 
         counts = [c["categories"] for c in partition.stats["clients"]]
-        return WorkerPool(cfg, [len(c) for c in partition.clients], counts, state_dir)
+        from fedit.client.runtime import common_tags
+
+        tags = [common_tags(c) for c in partition.clients]
+        return WorkerPool(cfg, [len(c) for c in partition.clients], counts, state_dir, tags)
     from fedit.engines.inprocess import InProcess
 
     clients = dict(enumerate(partition.clients))

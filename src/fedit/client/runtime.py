@@ -139,6 +139,14 @@ def category_counts(records: Sequence[Record]) -> dict[str, int]:
     return dict(sorted(Counter(r.category for r in records).items()))
 
 
+def common_tags(records: Sequence[Record]) -> dict[str, str]:
+    """The tags (data.sources) every one of a client's records carries with one value."""
+    if not records:
+        return {}
+    first = records[0].tags
+    return {k: v for k, v in sorted(first.items()) if all(r.tags.get(k) == v for r in records)}
+
+
 def check_client_data(data: Mapping[int, Sequence[Record]], tokenizer: Any, cfg: Config) -> None:
     """Before round 1: every client keeps at least one example at `data.cutoff_len`."""
     d = cfg.data
@@ -183,6 +191,10 @@ class ClientRuntime:
     def sizes(self) -> list[int]:
         """Record counts of clients 0..n-1 (what selection weighs clients by)."""
         return [len(self.data[c]) for c in range(len(self.data))]
+
+    def tags(self) -> list[dict[str, str]]:
+        """Tags shared by all records of clients 0..n-1 (e.g. their language)."""
+        return [common_tags(self.data[c]) for c in range(len(self.data))]
 
     def categories(self) -> list[dict[str, int]]:
         """Records per category of clients 0..n-1 (what coverage-aware selection reads)."""
@@ -242,6 +254,7 @@ class ClientRuntime:
         )
         if update.metrics.get("straggler"):
             return update
+        update.metrics["data_tokens"] = float(sum(e.num_target_tokens for e in examples))
         kept = how.after(self.lm.model, task, update, examples, personal, self.lm.pad_id)
         if kept is not None:  # stays here: stamped by round, never in a message
             self.personal.put(task.client, task.round, kept)

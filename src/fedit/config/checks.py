@@ -112,10 +112,36 @@ def _check_personal(cfg: Config) -> None:
             )
 
 
+def _check_tags(cfg: Config) -> None:
+    """tag_mix selection and token weighting: what they need to be there."""
+    if cfg.federation.selection == "tag_mix":
+        tag = cfg.selection.tag
+        if not tag:
+            raise ConfigError("selection.tag: federation.selection='tag_mix' needs the tag to mix")
+        if not cfg.data.sources:
+            raise ConfigError(
+                "federation.selection='tag_mix': needs data.sources, whose tags the clients carry"
+            )
+        for i, src in enumerate(cfg.data.sources):
+            if tag not in src.get("tags", {}) and tag != "source":
+                raise ConfigError(
+                    f"data.sources[{i}].tags.{tag}: missing; federation.selection='tag_mix' "
+                    f"mixes the clients by their {tag!r}"
+                )
+    if cfg.strategy.weight_by == "tokens" and (
+        cfg.privacy.secure_aggregation or cfg.privacy.clip_norm
+    ):
+        raise ConfigError(
+            "strategy.weight_by='tokens': not with secure aggregation or DP, which fix each "
+            "client's weight themselves (by examples, or equal)"
+        )
+
+
 def check_sections(cfg: Config) -> None:
     """Combinations of keys that cannot work together, named by their keys."""
     _check_faults(cfg)
     _check_personal(cfg)
+    _check_tags(cfg)
     k = cfg.federation.clients_per_round
     if isinstance(k, int) and cfg.federation.min_clients > k:
         raise ConfigError(

@@ -255,7 +255,8 @@ class FederationConfig:
     selection: str = opt(
         "uniform",
         "Client-selection rule: uniform, size, all, poisson, power_of_choice, coverage, "
-        "resource (docs/heterogeneity.md), or a registered name.",
+        "resource (docs/heterogeneity.md), tag_mix (a target mix of a tag's values, e.g. "
+        "languages), or a registered name.",
     )
     workers: int = opt(
         1,
@@ -309,8 +310,19 @@ class SelectionConfig:
         "clients add theirs (0 = only the last round counts).",
     )
 
+    tag: str = opt("", "tag_mix: the data.sources tag whose mix each round holds, e.g. 'language'.")
+    shares: dict[str, float] = opt(
+        {},
+        "tag_mix: target share of the round's clients per tag value, e.g. {en = 0.8, ja = 0.2} "
+        "(normalized; empty = each value's share of the clients).",
+    )
+
     def __post_init__(self) -> None:
         check(self.candidates >= 0, "selection.candidates", "must be >= 0")
+        for value, x in self.shares.items():
+            check(
+                isinstance(x, (int, float)) and x >= 0, f"selection.shares.{value}", "must be >= 0"
+            )
         check(self.probe_examples >= 1, "selection.probe_examples", "must be >= 1")
         check(0 <= self.decay <= 1, "selection.decay", "must be in [0, 1]")
 
@@ -334,6 +346,11 @@ class StrategyConfig:
         False,
         "FedAdam / FedYogi: scale the server step by sqrt(1 - beta2^t) / (1 - beta1^t) as "
         "Flower's FedAdam does; off = Reddi et al.'s Algorithm 2, without it.",
+    )
+    weight_by: Literal["examples", "tokens"] = opt(
+        "examples",
+        "What a client's update is weighted by in aggregation: its number of examples (FedAvg's "
+        "data size) or of target tokens (a language its tokenizer splits finely weighs more).",
     )
     lora_aggregation: Literal["naive", "svd", "ffa", "rolora"] = opt(
         "naive",

@@ -27,6 +27,7 @@ class Engine(Protocol):
 
     sizes: list[int]
     categories: list[dict[str, int]]  # per client: records per category ([] if unknown)
+    tags: list[dict[str, str]]  # per client: the tags all its records share ([] if unknown)
 
     def launch(self, tasks: Sequence[Task]) -> Launched: ...
 

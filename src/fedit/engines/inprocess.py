@@ -19,6 +19,7 @@ class InProcess:
         self.runtime = runtime
         self.sizes = runtime.sizes()
         self.categories = runtime.categories()
+        self.tags = runtime.tags()
 
     def _run(self, task: Task, slot: str) -> Update:
         return Update.from_payload(self.runtime.handle(task.to_payload(), slot))

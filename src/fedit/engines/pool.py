@@ -59,11 +59,13 @@ class WorkerPool:
         sizes: list[int],
         categories: list[dict[str, int]] | None = None,
         state_dir: Path | None = None,
+        tags: list[dict[str, str]] | None = None,
     ) -> None:
         workers = cfg.federation.workers
         threads = max(1, (cfg.model.threads or torch.get_num_threads()) // workers)
         self.sizes = sizes
         self.categories = categories or []
+        self.tags = tags or []
         # A run without a folder keeps its clients' state in a folder of its own till it ends.
         self.scratch = None if state_dir else Path(tempfile.mkdtemp(prefix="fedit-clients-"))
         self.pool = ProcessPoolExecutor(

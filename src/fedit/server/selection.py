@@ -33,6 +33,9 @@ class Selection:
     finish_time: Callable[[int], float] | None = None
     deadline: float = 0.0
     candidates: int = 0  # Power-of-Choice's d (0: 2k)
+    tags: Sequence[dict[str, str]] = ()  # per client: the tags its records share
+    tag: str = ""  # tag_mix: the tag whose mix is held (e.g. language)
+    shares: dict[str, float] = field(default_factory=dict)  # tag_mix: value -> target share
 
     def __post_init__(self) -> None:
         if not self.available:
@@ -142,3 +145,35 @@ def resource_aware(s: Selection) -> list[int]:
         return _pick(fits, s.k, s.rng)
     rest = sorted((c for c in s.available if c not in fits), key=lambda c: (times[c], c))
     return sorted(fits + rest[: s.k - len(fits)])
+
+
+@SELECTORS.register("tag_mix")
+def tag_mix(s: Selection) -> list[int]:
+    """Each round's clients in a target mix of a tag's values (`selection.tag`, e.g. language;
+    `selection.shares`, e.g. {en = 0.8, ja = 0.2}; without shares, each value's share of the
+    clients): k * share clients per value (largest remainders round, ties by value name),
+    uniformly within the value, never more than it has online; a value short of clients
+    leaves its places to the others, uniformly."""
+    if not s.tag:
+        raise RuntimeError("tag_mix needs selection.tag")
+    groups: dict[str, list[int]] = {}
+    for c in s.available:
+        value = (s.tags[c] if c < len(s.tags) else {}).get(s.tag)
+        if value is None:
+            raise RuntimeError(f"tag_mix: client {c} has no single {s.tag!r} tag")
+        groups.setdefault(value, []).append(c)
+    values = sorted(groups)
+    total = sum(s.shares.get(v, 0.0) for v in values) if s.shares else 0.0
+    share = {v: (s.shares.get(v, 0.0) / total if total else len(groups[v]) / len(s.available))
+             for v in values}  # fmt: skip
+    k = min(s.k, len(s.available))
+    want = {v: int(k * share[v]) for v in values}
+    by_remainder = sorted(values, key=lambda v: (-(k * share[v] - want[v]), v))
+    for v in by_remainder[: k - sum(want.values())]:
+        want[v] += 1
+    chosen: list[int] = []
+    for v in values:
+        chosen += _pick(groups[v], min(want[v], len(groups[v])), s.rng)
+    left = [c for c in s.available if c not in chosen]
+    chosen += _pick(left, k - len(chosen), s.rng) if len(chosen) < k else []
+    return sorted(chosen)

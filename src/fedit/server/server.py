@@ -53,11 +53,13 @@ class Server:
         full_model_bytes: int,
         progress: Progress | None = None,
         categories: list[dict[str, int]] | None = None,
+        tags: list[dict[str, str]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sizes = sizes  # selection weighs clients by their record counts
         self.num_clients = len(sizes)
         self.categories = categories or []  # per client: records per category
+        self.tags = tags or []  # per client: the tags its records share (e.g. language)
         self.exposure: dict[str, float] = {}  # decayed category shares of past rounds
         self.systems = Systems(cfg, sizes)
         self._outcomes: dict[int, dict[str, Any]] = {}
@@ -118,7 +120,7 @@ class Server:
         ctx = Selection(
             rnd, self.per_round, self.sizes, generator(self.cfg.seed, "select", rnd), online,
             self.categories, dict(self.exposure), probe, self.systems.predicted,
-            self.cfg.system.deadline, sel.candidates,
+            self.cfg.system.deadline, sel.candidates, self.tags, sel.tag, dict(sel.shares),
         )  # fmt: skip
         return SELECTORS.get(name)(ctx)
 
@@ -274,7 +276,11 @@ class Server:
                 + (f". Excluded: {excluded}" if excluded else "")
             )
         t1 = time.perf_counter()
-        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        weighed = updates
+        if self.cfg.strategy.weight_by == "tokens":  # each client's data size in target tokens
+            weighed = [replace(u, num_examples=int(u.metrics.get("data_tokens", u.num_examples)))
+                       for u in updates]  # fmt: skip
+        self.global_state = self.strategy.aggregate(self.global_state, weighed)
         t2 = time.perf_counter()
         n = sum(u.num_examples for u in updates)
         up = [u.metrics.get("bytes_up", state_bytes(u.state)) for u in updates] or [0.0]

@@ -175,6 +175,7 @@ class FlowerClients:
             self.progress.log(f"node {n} did not answer hello: {why}")
         sizes: dict[int, int] = {}
         counts: dict[int, dict[str, int]] = {}
+        tags: dict[int, dict[str, str]] = {}
         for n, reply in replies.items():
             info: Any = reply.content["info"]
             client = int(info["client"])
@@ -185,6 +186,7 @@ class FlowerClients:
             self.node_of[client] = n
             sizes[client] = int(info["records"])
             counts[client] = json.loads(str(info.get("categories", "{}")))
+            tags[client] = json.loads(str(info.get("tags", "{}")))
         absent = sorted(set(range(want)) - set(sizes))
         if absent:
             why = "; ".join(f"node {n}: {r}" for n, r in missing.items())
@@ -194,6 +196,7 @@ class FlowerClients:
             )
         self.progress.log(f"clients on nodes: {dict(sorted(self.node_of.items()))}")
         self.categories = [counts[c] for c in range(want)]
+        self.tags = [tags[c] for c in range(want)]
         return [sizes[c] for c in range(want)]
 
     def launch(self, tasks: Sequence[Task]) -> list[tuple[int, Callable[[], Update]]]:

@@ -206,12 +206,13 @@ class NodeState:
 
     def hello(self, p: dict[str, Any]) -> dict[str, Any]:
         self.setup(p["config"], p["node_config"])
-        from fedit.client.runtime import category_counts
+        from fedit.client.runtime import category_counts, common_tags
 
         return {
             "client": self.client_id,
             "records": self.num_records,
             "categories": json.dumps(category_counts(self.runtime.data[self.client_id])),
+            "tags": json.dumps(common_tags(self.runtime.data[self.client_id])),
             "model_loads": self.model_loads,
             "pid": os.getpid(),
         }
