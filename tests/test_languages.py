@@ -101,6 +101,11 @@ def test_weight_by_tokens_and_tag_mix_end_to_end(tmp_path: Path, data_file: Path
         assert h["clients"][-1] == 2 and len(h["clients"]) == 2  # one English, one Japanese
         tokens = [m["data_tokens"] for m in h["client_metrics"]]
         assert all(t > 0 for t in tokens)
+        cost = h["by_tag"]["language"]  # what the round cost each language, per example
+        assert set(cost) == {"en", "ja"} and all(c["clients"] == 1 for c in cost.values())
+        assert all(
+            c["tokens_per_example"] > 0 and c["seconds_per_example"] > 0 for c in cost.values()
+        )
     # FedAvg by tokens: the round's adapter is the token-weighted mean of the clients' own.
     from fedit.client.runtime import ClientRuntime
     from fedit.engines.inprocess import InProcess

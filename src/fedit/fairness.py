@@ -52,3 +52,28 @@ def fairness(result: Mapping[str, Any], categories: Sequence[Mapping[str, int]])
         out["clients"] = spread(per_client)
         out["client_loss"] = per_client
     return out
+
+
+def tag_costs(
+    metrics: Sequence[Mapping[str, Any]], tags: Sequence[Mapping[str, str]], batch_size: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """What a round's training cost the clients of each tag value (e.g. each language): per
+    example trained, the tokens it held and the seconds it took (`metrics`: the round's
+    client metrics, each with its `client`)."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for m in metrics:
+        c = int(m["client"])
+        seen = float(m.get("steps", 0)) * batch_size
+        if c >= len(tags) or not seen:
+            continue
+        for name, value in tags[c].items():
+            a = acc.setdefault((name, value), [0.0, 0.0, 0.0, 0.0])
+            a[0] += 1
+            a[1] += seen
+            a[2] += float(m.get("real_tokens", 0.0))
+            a[3] += float(m.get("seconds", 0.0))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (name, value), (n, seen, tokens, seconds) in sorted(acc.items()):
+        cost = {"clients": n, "tokens_per_example": tokens / seen}
+        out.setdefault(name, {})[value] = {**cost, "seconds_per_example": seconds / seen}
+    return out

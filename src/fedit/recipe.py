@@ -147,7 +147,7 @@ def setup_run(
         engine = local_engine(cfg, lm, partition, progress, state_dir)
     server = Server(
         cfg, engine.sizes, get_adapter(lm.model), lm.full_model_bytes, progress, engine.categories,
-        getattr(engine, "tags", []),
+        engine.tags,
     )  # fmt: skip
     return Setup(cfg, partition, lm, held, engine, server)
 
@@ -163,11 +163,7 @@ def local_engine(
     if cfg.federation.workers > 1:
         from fedit.engines.pool import WorkerPool
 
-        counts = [c["categories"] for c in partition.stats["clients"]]
-        from fedit.client.runtime import common_tags
-
-        tags = [common_tags(c) for c in partition.clients]
-        return WorkerPool(cfg, [len(c) for c in partition.clients], counts, state_dir, tags)
+        return WorkerPool(cfg, partition.clients, state_dir)
     from fedit.engines.inprocess import InProcess
 
     clients = dict(enumerate(partition.clients))

@@ -30,6 +30,7 @@ from fedit.config.run import (
     PrivacyConfig,
     SystemConfig,
 )
+from fedit.config.server import SelectionConfig, StrategyConfig
 from fedit.config.training import (
     ClientConfig,
     DataConfig,
@@ -37,8 +38,6 @@ from fedit.config.training import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
-    SelectionConfig,
-    StrategyConfig,
 )
 from fedit.config.tree import Config
 

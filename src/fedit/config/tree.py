@@ -18,6 +18,7 @@ from fedit.config.run import (
     PrivacyConfig,
     SystemConfig,
 )
+from fedit.config.server import SelectionConfig, StrategyConfig
 from fedit.config.training import (
     ClientConfig,
     DataConfig,
@@ -25,8 +26,6 @@ from fedit.config.training import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
-    SelectionConfig,
-    StrategyConfig,
 )
 
 

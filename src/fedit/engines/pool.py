@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from fedit.client.runtime import ClientRuntime
+from fedit.client.runtime import ClientRuntime, category_counts, common_tags
 from fedit.config import Config, config_from_dict, variant
 from fedit.data.partition import load_partition
+from fedit.data.records import Record
 from fedit.engines import Launched
 from fedit.lora import load_lora_model
 from fedit.protocol import Payload, Task, Update
@@ -54,18 +55,13 @@ class WorkerPool:
     """`workers` processes sharing the machine's cores evenly (at least one thread each)."""
 
     def __init__(
-        self,
-        cfg: Config,
-        sizes: list[int],
-        categories: list[dict[str, int]] | None = None,
-        state_dir: Path | None = None,
-        tags: list[dict[str, str]] | None = None,
+        self, cfg: Config, clients: Sequence[Sequence[Record]], state_dir: Path | None = None
     ) -> None:
         workers = cfg.federation.workers
         threads = max(1, (cfg.model.threads or torch.get_num_threads()) // workers)
-        self.sizes = sizes
-        self.categories = categories or []
-        self.tags = tags or []
+        self.sizes = [len(c) for c in clients]
+        self.categories = [category_counts(c) for c in clients]
+        self.tags = [common_tags(c) for c in clients]
         # A run without a folder keeps its clients' state in a folder of its own till it ends.
         self.scratch = None if state_dir else Path(tempfile.mkdtemp(prefix="fedit-clients-"))
         self.pool = ProcessPoolExecutor(

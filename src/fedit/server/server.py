@@ -18,7 +18,7 @@ import torch
 from fedit.compression import Codec
 from fedit.config import Config, ConfigError
 from fedit.errors import FeditError
-from fedit.fairness import spread
+from fedit.fairness import spread, tag_costs
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
@@ -307,6 +307,9 @@ class Server:
             },
             "time": {"train": t1 - t0, "aggregate": t2 - t1},
         }
+        costs = tag_costs(row["client_metrics"], self.tags, self.cfg.client.batch_size)
+        if costs:  # what a round cost each language's (each tag value's) clients
+            row["by_tag"] = costs
         report = getattr(self.strategy, "round_metrics", None)
         if report is not None:
             row.update(report())
