@@ -132,3 +132,13 @@ def test_weight_by_tokens_and_tag_mix_end_to_end(tmp_path: Path, data_file: Path
         variant(cfg, selection={"tag": "topic"})
     with pytest.raises(ConfigError, match="weight_by='tokens'"):
         variant(cfg, privacy={"clip_norm": 1.0, "noise_multiplier": 0.5})
+
+
+def test_the_round_line_shows_each_language_and_the_gap() -> None:
+    from fedit.progress import round_line
+
+    ev = {"loss": 2.5, "per_tag": {"language": {"en": {"loss": 2.4}, "ja": {"loss": 2.9}}},
+          "tag_gap": {"language": {"gap": 0.5, "worst": "ja", "best": "en"}}}  # fmt: skip
+    line = round_line({"round": 1, "clients": [0, 2], "train_loss": 2.0, "seconds": 3.0,
+                       "eval": ev}, 5)  # fmt: skip
+    assert "held-out loss 2.5000 [en 2.4000 ja 2.9000, gap 0.5000]" in line

@@ -85,6 +85,16 @@ def _system_note(system: dict[str, Any] | None) -> str:
     )
 
 
+def _tag_note(ev: dict[str, Any] | None) -> str:
+    """Per language (the `language` tag of data.sources): each one's loss and the gap."""
+    langs = ((ev or {}).get("per_tag") or {}).get("language")
+    if not langs or len(langs) < 2:
+        return ""
+    each = " ".join(f"{v} {x['loss']:.4f}" for v, x in sorted(langs.items()))
+    gap = (ev or {}).get("tag_gap", {}).get("language", {}).get("gap")
+    return f" [{each}" + (f", gap {gap:.4f}" if gap is not None else "") + "]"
+
+
 def round_line(row: dict[str, Any], rounds: int) -> str:
     """The progress line of a finished round (one metrics row)."""
     ev = row.get("eval")
@@ -98,6 +108,7 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
             else "- (" + row.get("loss_note", "no client this round") + ")"
         )
         + (f", held-out loss {ev['loss']:.4f}" if ev else "")
+        + _tag_note(ev)
         + (f", epsilon {eps:.3f}" if eps is not None else "")
         + _system_note(row.get("system"))
         + f" ({row['seconds']:.1f}s)"
