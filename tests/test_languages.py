@@ -54,6 +54,7 @@ def test_english_and_japanese_clients_and_per_language_loss(tmp_path: Path) -> N
         assert set(ev["per_tag_category"]["language"]["ja"]) <= set(cats)
         gap = ev["tag_gap"]["language"]
         assert gap["gap"] == pytest.approx(abs(langs["en"]["loss"] - langs["ja"]["loss"]))
+    assert (tmp_path / "whole" / "per_tag.png").stat().st_size > 10_000  # loss per language
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["history"][-1]["eval"]["tag_gap"] == rows[-1]["eval"]["tag_gap"]
     # Interrupted after round 1 and resumed: the same adapter, to the bit.

@@ -50,6 +50,7 @@ from fedit.server.selection import SELECTORS
 from fedit.server.server import Server
 from fedit.server.strategies import STRATEGIES, build_strategy
 from fedit.server.system import Systems
+from fedit.tagplot import write_tag_plot
 from fedit.tracking import Board
 
 # Keys that may differ between a run and its resumption.
@@ -284,11 +285,8 @@ def _loop(
             out / "adapter",
             lambda folder: write_card(folder, cfg, lm.tokenizer, facts),
         )
-        summary: dict[str, Any] = {
-            "rounds": rounds,
-            "history": history,
-            "partition": stats["heterogeneity"],
-        }
+        summary: dict[str, Any] = {"rounds": rounds, "history": history}
+        summary["partition"] = stats["heterogeneity"]
         last: dict[str, Any] = next((h["eval"] for h in reversed(history) if h.get("eval")), {})
         if "own_data" in last:  # how the final global adapter serves each client's own data
             summary["own_data"] = last["own_data"]
@@ -298,6 +296,7 @@ def _loop(
                 f"privacy: epsilon {privacy['epsilon']:.3f} at delta {cfg.privacy.delta:g}"
             )
         atomic_json(out / "summary.json", summary)
+        write_tag_plot(history, out / "per_tag.png")  # per language (any tag), if there are any
     return RunResult(server.global_state, history, stats, out)
 
 
