@@ -143,3 +143,18 @@ def test_the_round_line_shows_each_language_and_the_gap() -> None:
     line = round_line({"round": 1, "clients": [0, 2], "train_loss": 2.0, "seconds": 3.0,
                        "eval": ev}, 5)  # fmt: skip
     assert "held-out loss 2.5000 [en 2.4000 ja 2.9000, gap 0.5000]" in line
+
+
+def test_compare_reports_each_language(tmp_path: Path) -> None:
+    from fedit.cli import main
+    from fedit.config import to_toml
+
+    cfg = variant(_tiny(1), compare={"arms": ["base", "fedit"]}, generate={"per_category": 0})
+    path = tmp_path / "cmp.toml"
+    path.write_text(to_toml(cfg))
+    assert main(["compare", str(path), "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    arms = json.loads((tmp_path / "cmp" / "results.json").read_text())["arms"]
+    assert set(arms["fedit"]["loss_per_tag"]["language"]) == {"en", "ja"}
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "Held-out loss per language (and the gap, worst - best):" in table
+    assert "| ja | " in table and "| **gap** | " in table

@@ -293,13 +293,18 @@ def own_data_table(
 
 def _loss_view(ev: dict[str, Any]) -> dict[str, Any]:
     per = {c: v["loss"] for c, v in ev["per_category"].items()}
-    return {
+    view = {
         "loss": ev["loss"],
         "ppl": ev["ppl"],
         "loss_per_category": per,
         "category_loss_max": max(per.values()) if per else None,
         "category_loss_min": min(per.values()) if per else None,
     }
+    if ev.get("per_tag"):  # data.sources: per language (or any tag value), and its gap
+        view["loss_per_tag"] = {t: {v: x["loss"] for v, x in vals.items()}
+                                for t, vals in ev["per_tag"].items()}  # fmt: skip
+        view["tag_gap"] = ev.get("tag_gap", {})
+    return view
 
 
 def _local_summary(per_client: list[dict[str, Any]]) -> dict[str, Any]:

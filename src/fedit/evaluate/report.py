@@ -64,6 +64,17 @@ def markdown(results: dict[str, Any]) -> str:
     for c in cats:
         cells = [_f(a.get("loss_per_category", {}).get(c)) for a in arms.values()]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    tagged = {k: a["loss_per_tag"] for k, a in arms.items() if a.get("loss_per_tag")}
+    for tag in sorted({t for v in tagged.values() for t in v if t != "source"}):
+        values = sorted({v for a in tagged.values() for v in a.get(tag, {})})
+        lines += ["", f"Held-out loss per {tag} (and the gap, worst - best):", "",
+                  f"| {tag} | " + " | ".join(ARM_NAMES.get(k, k) for k in tagged) + " |",
+                  "|---|" + "---|" * len(tagged)]  # fmt: skip
+        for v in values:
+            cells = [_f(a.get(tag, {}).get(v)) for a in tagged.values()]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        gaps = [_f(arms[k].get("tag_gap", {}).get(tag, {}).get("gap")) for k in tagged]
+        lines.append("| **gap** | " + " | ".join(gaps) + " |")
     if "local" in arms:
         lines += [
             "",
