@@ -91,6 +91,10 @@ def test_own_suite_file_and_its_errors(run: Path, tmp_path: Path) -> None:
     ])  # fmt: skip
     items = load_suite(str(mine), tiny_config(Path("x")))
     assert [i.turns for i in items] == [["Name a river."], ["Pick a number.", "Double it."]]
+    # A split's test.jsonl (fedit partition) is a suite: its responses are the references.
+    split = write_jsonl(tmp_path / "test.jsonl", make_rows()[:3])
+    got = load_suite(str(split), tiny_config(Path("x")))
+    assert [i.references[0] for i in got] == [r["response"] for r in make_rows()[:3]]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "ok"}\n{"turns": [1, 2]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: needs `instruction`"):

@@ -9,7 +9,9 @@
 - `fed-aya`: Fed-Aya's test prompts in 8 languages, with references (per-language results).
 - `vicuna80-LANG`: the Vicuna 80 in another language (`vicuna80-Japanese`, ...).
 - a path to a JSONL file of your own: one object a line with `instruction` (or `turns`, a list
-  of user turns) and optionally `id`, `category`, `context`, `reference` (or `references`).
+  of user turns) and optionally `id`, `category`, `context`, `reference` (or `references`; a
+  `response` or `output` is taken as the reference, so the `test.jsonl` that `fedit partition`
+  writes is a suite: another run's test split, e.g. dolly's for a model tuned on other data).
 
 Files are found through `FEDIT_DATA_DIR` (under `eval/`) and checked line by line. Answers are
 generated once per model and suite and kept (`answers/SUITE.jsonl`, appended a batch at a time):
@@ -135,7 +137,8 @@ def _own_suite(path: Path) -> list[Item]:
         turns = r.get("turns") or ([r["instruction"]] if "instruction" in r else None)
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
             raise DataError(f"{path}:{n}: needs `instruction` (a string) or `turns` (strings)")
-        refs = r.get("references") or [r.get("reference", "")] + [""] * (len(turns) - 1)
+        one = r.get("reference", r.get("response", r.get("output", "")))  # (a split's test.jsonl)
+        refs = r.get("references") or [one] + [""] * (len(turns) - 1)
         if not isinstance(refs, list) or len(refs) != len(turns):
             raise DataError(f"{path}:{n}: `references` must have one entry per turn")
         items.append(Item(str(r.get("id", n)), str(r.get("category", "general")), turns,
