@@ -6,7 +6,7 @@ personalization method, and tuning alone.
 
 `categories` (the default): dolly's category shards as the paper splits it (configs/quickstart.toml
 at 6 clients, 3 a round). `domains`: configs/domains.toml, 4 dolly clients beside 2 code and
-2 roleplay clients (4 a round), with the per-domain view. One run per method and seed (a run
+2 roleplay clients (3 a round), with the per-domain view. One run per method and seed (a run
 folder each: an interrupted sweep resumes, a finished run is reused); `local` is one run per
 client, tuning alone for the same rounds and steps. Then a table per experiment: mean ± std
 over seeds. Sized for 2 CPU cores (a few minutes a run): 3 rounds of 3 steps, cutoff 128, the
@@ -48,7 +48,7 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
             *COMMON,
         ],
     ),
-    "domains": ("configs/domains.toml", ["federation.clients_per_round=4", *COMMON]),
+    "domains": ("configs/domains.toml", ["federation.clients_per_round=3", *COMMON]),
 }
 
 
