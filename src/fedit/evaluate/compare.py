@@ -166,7 +166,8 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     progress.log("evaluating the arms")
     loaded = load_for_inference(cfg, None)
     per_category = cfg.generate.per_category
-    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and per_category else None
+    wants = per_category or suites  # answers to compare with references
+    embedder = Embedder(cfg.generate.embedder) if cfg.generate.embedder and wants else None
     base_state = get_adapter(loaded.model)  # LoRA's B is zero here: the base model
 
     def score(label: str, adapter: Path | None, loss: bool = False) -> dict[str, Any]:
