@@ -9,7 +9,7 @@ Arms, each a run folder (an interrupted sweep resumes, a finished run is reused)
 - at 20%: `ja-local` (a Japanese client tuning alone, local-only), `centralized` (all
   the data pooled), `qfedavg` (q = 1), `coverage`, `tag_mix` (rounds held at 50/50),
   `tokens` (aggregation weighted by target tokens), `finetune` (each client's personal model).
-Scaled for 2 CPU cores: 4 rounds of 4 clients x 4 steps at batch 8, cutoff 192, 3 test examples
+Scaled for 2 CPU cores: 3 rounds of 3 clients x 3 steps at batch 8, cutoff 192, 3 test examples
 per language and category. Prints and writes (results.md) the held-out loss per language, the
 gap, and the tokens a Japanese example costs against an English one.
 """
@@ -28,8 +28,8 @@ from fedit.files import atomic_json, atomic_text
 from fedit.progress import Progress
 from fedit.recipe import run_federation
 
-SETTINGS = ["federation.rounds=4", "federation.clients_per_round=4", "client.max_steps=4",
-            "data.cutoff_len=192", "data.test_per_category=3", "eval.every=4",
+SETTINGS = ["federation.rounds=3", "federation.clients_per_round=3", "client.max_steps=3",
+            "data.cutoff_len=192", "data.test_per_category=3", "eval.every=3",
             "eval.at_start=false"]  # fmt: skip
 SHARES = {"ja-50": (8, 8, 4000), "ja-20": (8, 2, 1000), "ja-5": (19, 1, 210)}  # en, ja, ja records
 AT_20 = {

@@ -80,9 +80,7 @@ def one(config: Path, settings: list[str], out: Path, method: str, seed: int) ->
                 clients[str(c)] = {"personal": mine["loss"]}
             tests.append(ev["loss"])
             per_tag.append(ev.get("per_tag", {}))
-        losses = [v["personal"] for v in clients.values()]
         return {"method": method, "seed": seed, "test_loss": statistics.fmean(tests),
-                "personal_mean": statistics.fmean(losses), "personal_worst": max(losses),
                 "clients": clients, "per_tag": _mean_tags(per_tag)}  # fmt: skip
     ev = _run(config, [*base, f"personalization.method={method}"], out / f"seed-{seed}" / method)
     own = ev["own_data"]
@@ -96,28 +94,41 @@ def one(config: Path, settings: list[str], out: Path, method: str, seed: int) ->
         "per_tag": ev.get("per_tag", {}),
     }
     if "personal" in own:
-        row.update(
-            personal_mean=own["personal"]["mean"],
-            personal_worst=own["personal"]["worst"],
-            helped=own["helped"],
-            hurt=own["hurt"],
-        )
+        row.update(helped=own["helped"], hurt=own["hurt"])
     return row
 
 
 def _mean_tags(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in rows[0] if rows else {}:
-        out[tag] = {v: statistics.fmean(r[tag][v] for r in rows) for v in rows[0][tag]}
+        out[tag] = {v: {"loss": statistics.fmean(r[tag][v]["loss"] for r in rows)}
+                    for v in rows[0][tag]}  # fmt: skip
     return out
 
 
-def _ms(xs: list[float]) -> str:
+def _ms(xs: list[float], sign: bool = False) -> str:
     if not xs:
         return "-"
+    f = "+.4f" if sign else ".4f"
     if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.fmean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+        return format(xs[0], f)
+    return f"{format(statistics.fmean(xs), f)} ± {statistics.stdev(xs):.4f}"
+
+
+def _paired(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, float] | None:
+    """A method's personal models against FedIT's global adapter on the same clients (those
+    with a personal model: a client never sampled has none) of the same seed."""
+    mine = {c: v["personal"] for c, v in r["clients"].items() if "personal" in v}
+    if not mine:
+        return None
+    everyone = len(ref["clients"]) if ref else len(r["clients"])
+    out = {"mean": statistics.fmean(mine.values()), "worst": max(mine.values()),
+           "coverage": len(mine) / max(1, everyone)}  # fmt: skip
+    if ref is not None and all(c in ref["clients"] for c in mine):
+        fedit = [ref["clients"][c]["loss"] for c in mine]
+        out["d_mean"] = out["mean"] - statistics.fmean(fedit)
+        out["d_worst"] = out["worst"] - max(fedit)
+    return out
 
 
 def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, str]) -> str:
@@ -126,9 +137,9 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, st
         "split, training order and LoRA init).",
         "",
         "| method | global test loss | own-data loss, global adapter (mean / worst client) "
-        "| own-data loss, personal model (mean / worst client) | clients helped / hurt "
-        "| personal − FedIT, paired by seed (mean / worst client) |",
-        "|---|---|---|---|---|---|",
+        "| own-data loss, personal model (mean / worst, clients with one) | clients with one "
+        "| clients helped / hurt | personal − FedIT, same clients and seed (mean / worst) |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = {r["seed"]: r for r in rows if r["method"] == "none"}
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -142,11 +153,10 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, st
             if g
             else "(no global adapter)",
         ]
-        if "personal_mean" in rs[0]:
-            cells.append(
-                f"{_ms([r['personal_mean'] for r in rs])} / "
-                f"{_ms([r['personal_worst'] for r in rs])}"
-            )
+        ps = [p for p in (_paired(r, base.get(r["seed"])) for r in rs) if p] if m != "none" else []
+        if ps:
+            cells.append(f"{_ms([p['mean'] for p in ps])} / {_ms([p['worst'] for p in ps])}")
+            cells.append(f"{100 * statistics.fmean(p['coverage'] for p in ps):.0f}%")
             if "helped" in rs[0]:
                 helped = statistics.fmean(r["helped"] for r in rs)
                 hurt = statistics.fmean(r["hurt"] for r in rs)
@@ -154,12 +164,11 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], domains: dict[str, st
             else:
                 cells.append("-")
         else:
-            cells += ["(the global adapter)", "-"]
-        paired = [r for r in rs if "personal_mean" in r and r["seed"] in base]
-        if paired and m != "none":
-            d_mean = [r["personal_mean"] - base[r["seed"]]["global_mean"] for r in paired]
-            d_worst = [r["personal_worst"] - base[r["seed"]]["global_worst"] for r in paired]
-            cells.append(f"{_ms(d_mean)} / {_ms(d_worst)}")
+            cells += ["(the global adapter)", "-", "-"]
+        d = [p for p in ps if "d_mean" in p]
+        if d:
+            d_mean = _ms([p["d_mean"] for p in d], True)
+            cells.append(f"{d_mean} / {_ms([p['d_worst'] for p in d], True)}")
         else:
             cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -196,27 +205,35 @@ def _domain_table(
     names = sorted(set(domains.values()))
     lines = [
         "",
-        "Per domain, mean over its clients and seeds: own-data loss of the personal model "
-        "(FedIT: its global adapter), and the global test loss on that domain's test "
-        "examples of each method's global adapter (local: of the clients' own adapters):",
+        "Per domain, mean over seeds: own-data loss of FedIT's global adapter (none) and, for "
+        "each method, its personal models minus FedIT on the same clients (those with a "
+        "personal model); then the global test loss on that domain's test examples of each "
+        "method's global adapter (local: of the clients' own adapters):",
         "",
         "| method | " + " | ".join(f"own data, {d}" for d in names) + " | "
         + " | ".join(f"global test, {d}" for d in names) + " |",
         "|---|" + "---|" * (2 * len(names)),
     ]  # fmt: skip
+    base = {r["seed"]: r for r in rows if r["method"] == "none"}
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
-        key = "loss" if m == "none" else "personal"
         cells = [m]
         for d in names:
             vs = []
             for r in rs:
-                mine = [v[key] for c, v in r["clients"].items() if domains.get(c) == d and key in v]
-                if mine:
-                    vs.append(statistics.fmean(mine))
-            cells.append(_ms(vs))
+                ref = base.get(r["seed"])
+                mine = [c for c, v in r["clients"].items() if domains.get(c) == d
+                        and ("personal" in v or m == "none")]  # fmt: skip
+                if not mine:
+                    continue
+                if m == "none":
+                    vs.append(statistics.fmean(r["clients"][c]["loss"] for c in mine))
+                elif ref is not None:
+                    own, fedit = r["clients"], ref["clients"]
+                    vs.append(statistics.fmean(own[c]["personal"] - fedit[c]["loss"] for c in mine))
+            cells.append(_ms(vs, sign=m != "none"))
         for d in names:
-            cells.append(_ms([r["per_tag"]["domain"][d] for r in rs
+            cells.append(_ms([r["per_tag"]["domain"][d]["loss"] for r in rs
                               if d in r.get("per_tag", {}).get("domain", {})]))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines

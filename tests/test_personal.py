@@ -140,6 +140,8 @@ def test_each_method_keeps_its_state_home_and_resumes_exactly(
     own = whole.history[-1]["eval"]["own_data"]
     assert all("personal" in v for v in own["clients"].values())  # every client has its model
     assert 0.0 <= own["helped"] <= 1.0 and own["helped"] + own["hurt"] <= 1.0
+    mine = [v["personal"] - v["loss"] for v in own["clients"].values()]
+    assert own["gain"] == pytest.approx(sum(mine) / len(mine))  # the same clients, paired
     if method != "finetune":  # only the final round's evaluation fine-tunes
         first = whole.history[1]["eval"]["own_data"]["clients"].values()
         assert sum("personal" in v for v in first) == 2  # the round's two clients

@@ -246,6 +246,9 @@ class Server:
             out["personal"] = spread(mine)
             out["helped"] = sum(mine[c] < clients[c]["loss"] for c in mine) / len(mine)
             out["hurt"] = sum(mine[c] > clients[c]["loss"] for c in mine) / len(mine)
+            # personal minus global on the same clients (a client never sampled has no
+            # personal model: comparing means over different clients would mislead)
+            out["gain"] = sum(mine[c] - clients[c]["loss"] for c in mine) / len(mine)
         return out
 
     def run_round(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
