@@ -7,7 +7,8 @@ Arms, each a run folder (an interrupted sweep resumes, a finished run is reused)
 - `ja-50`, `ja-20`, `ja-5`: Japanese clients added at 50%, 20% and 5% of the clients, each as
   large as an English client (English fixed at 4,000 records);
 - at 20%: `ja-local` (a Japanese client tuning alone, local-only), `centralized` (all
-  the data pooled), `qfedavg` (q = 1), `coverage`, `tag_mix` (rounds held at 50/50),
+  the data pooled, as many steps as the federation), `qfedavg` (q = 1), `coverage`,
+  `tag_mix` (rounds held at 50/50),
   `tokens` (aggregation weighted by target tokens), `finetune` (each client's personal model).
 Scaled for 2 CPU cores: 3 rounds of 3 clients x 3 steps at batch 8, cutoff 192, 3 test examples
 per language and category. Prints and writes (results.md) the held-out loss per language, the
@@ -32,7 +33,7 @@ SETTINGS = ["federation.rounds=3", "federation.clients_per_round=3", "client.max
             "data.cutoff_len=192", "data.test_per_category=3", "eval.every=3",
             "eval.at_start=false"]  # fmt: skip
 SHARES = {"ja-50": (8, 8, 4000), "ja-20": (8, 2, 1000), "ja-5": (19, 1, 210)}  # en, ja, ja records
-AT_20 = {
+AT_20: dict[str, dict[str, Any]] = {
     "ja-local": {"partition": {"only": [8]},
                  "federation": {"clients_per_round": 1, "min_clients": 1}},
     "centralized": {"partition": {"pooled": True},
@@ -56,6 +57,9 @@ def arm_config(base: Any, arm: str) -> Any:
     sources = [{**en, "max_records": 4000, "clients": n_en},
                {**ja, "max_records": ja_records, "clients": n_ja}]  # fmt: skip
     cfg = variant(base, data={"sources": sources}, partition={"num_clients": n_en + n_ja})
+    if arm == "centralized":  # the pooled data for as many steps as the federation takes
+        steps = base.client.max_steps * base.federation.clients_per_round
+        cfg = variant(cfg, client={"max_steps": steps})
     return variant(cfg, **AT_20[arm]) if arm in AT_20 else cfg  # every section at once
 
 
