@@ -161,3 +161,12 @@ def test_a_partitioner_that_leaves_a_client_empty_is_named() -> None:
         PartitionError, match=r"partition.method='test-leaves-one-empty' left client 1 empty"
     ):
         part("test-leaves-one-empty", n=2)
+
+
+def test_one_category_is_not_called_far_from_iid() -> None:
+    from fedit.data.stats import heterogeneity_statement
+
+    one = {"category_tv_mean": 0.0, "category_tv_iid_mean": 0.0, "category_tv_iid_std": 0.0}
+    assert heterogeneity_statement(one).endswith("one category, no category skew")
+    skewed = {"category_tv_mean": 0.6, "category_tv_iid_mean": 0.05, "category_tv_iid_std": 0.01}
+    assert heterogeneity_statement(skewed).endswith("(12.0x): far from IID")

@@ -84,6 +84,8 @@ def heterogeneity_statement(h: dict[str, Any]) -> str:
     if iid is None:
         return f"category TV distance to pooled {tv:.3f}"
     std = h.get("category_tv_iid_std", 0.0)
+    if not iid and tv < 1e-12:  # one category (or none to differ in): nothing to skew
+        return f"category TV distance to pooled {tv:.3f}: one category, no category skew"
     ratio = tv / iid if iid else float("inf")
     verdict = ("far from IID" if ratio >= 3 else "moderately non-IID" if ratio >= 1.5
                else "close to IID")  # fmt: skip
