@@ -62,8 +62,14 @@ def test_each_suite_generates_scores_and_is_not_asked_twice(run: Path, tmp_path:
         result = json.loads((out / "suites" / f"adapter-{name}.json").read_text())
         rows = (out / "answers" / f"adapter-{name}.jsonl").read_text().splitlines()
         assert result["items"] == len(rows) == 6, name
-        if name in ("dolly-test", "self-instruct", "fed-aya"):
+        if name in ("dolly-test", "self-instruct", "fed-aya", "vicuna80"):
             assert result["reference"]["references"] == 6 and "rougeL" in result["reference"]
+        if name in ("fed-aya", "vicuna80-Japanese"):  # languages with a script of their own
+            assert 0.0 <= result.get("script_match", -1) <= 1.0, name
+    vicuna = json.loads((out / "suites" / "adapter-vicuna80.json").read_text())
+    assert vicuna["reference"]["reference_answers"] == "recorded (gpt35)"  # eval.vicuna80_reference
+    japanese = json.loads((out / "suites" / "adapter-vicuna80-Japanese.json").read_text())
+    assert "reference" not in japanese  # no English reference for another language
     mt = [
         json.loads(line)
         for line in (out / "answers" / "adapter-mt-bench.jsonl").read_text().splitlines()
@@ -84,7 +90,23 @@ def test_each_suite_generates_scores_and_is_not_asked_twice(run: Path, tmp_path:
     assert path.read_text().splitlines()[-3:] == lines[3:]  # the same answers (greedy)
 
 
-def test_own_suite_file_and_its_errors(run: Path, tmp_path: Path) -> None:
+def test_script_of_an_answer() -> None:
+    from fedit.evaluate.suite_scoring import script, script_metrics
+
+    assert script("時間管理のスキルを向上させる") == "Japanese"  # kanji with kana
+    assert script("提高时间管理技能") == "Han" and script("Manage your time") == "Latin"
+    assert script("Улучшить") == "Cyrillic" and script("123 !?") is None
+    rows = [{"language": "Japanese", "answers": ["はい、そうです"]},
+            {"language": "Japanese", "answers": ["Yes, it is."]},
+            {"language": "English", "answers": ["Yes."]},  # Latin script: not checked
+            {"language": "Simplified_Chinese", "answers": ["你好"]}]  # fmt: skip
+    got = script_metrics(rows)
+    assert got["script_match"] == pytest.approx(2 / 3)
+    assert got["script_match_per_language"] == {"Japanese": 0.5, "Simplified_Chinese": 1.0}
+
+
+def test_own_suite_file_and_its_errors(run: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     mine = write_jsonl(tmp_path / "mine.jsonl", [
         {"instruction": "Name a river.", "reference": "Nile", "category": "geo"},
         {"turns": ["Pick a number.", "Double it."], "references": ["4", "8"]},
@@ -101,6 +123,9 @@ def test_own_suite_file_and_its_errors(run: Path, tmp_path: Path) -> None:
         load_suite(str(bad), tiny_config(Path("x")))
     bad.write_text('{"instruction": "ok"}\n{"instruction": \n')
     assert main(["eval", str(run), "--suite", str(bad)]) == 2  # before the model loads
+    wrong = ["eval", str(run), "--suite", "vicuna80", "--set", "eval.vicuna80_reference=nobody"]
+    assert main(wrong) == 2  # the recorded answers are checked before the model loads too
+    assert "answer_nobody.jsonl" in capsys.readouterr().err
 
 
 def test_mt_bench_grading_with_the_shipped_judge_prompts(run: Path, tmp_path: Path) -> None:

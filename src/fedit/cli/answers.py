@@ -360,13 +360,14 @@ def cmd_judge_check(args: argparse.Namespace) -> int:
 def _eval_suites(args: argparse.Namespace) -> int:
     from fedit.evaluate.generation import Embedder
     from fedit.evaluate.suite_scoring import score_suite
-    from fedit.evaluate.suites import load_suite, suite_answers, suite_label
+    from fedit.evaluate.suites import load_suite, recorded_references, suite_answers, suite_label
     from fedit.inference import resolve_source
     from fedit.progress import Progress
 
     probe, _ = resolve_source(args.source, args.overrides)
     # Every suite file is read and checked before the model loads.
     items = {name: load_suite(name, probe) for name in args.suite}
+    recorded = {name: recorded_references(name, probe) for name in args.suite}
     loaded = load_source(args)
     cfg = loaded.cfg
     source = Path(args.source)
@@ -379,7 +380,8 @@ def _eval_suites(args: argparse.Namespace) -> int:
         rows = suite_answers(
             loaded, name, suite, out / "answers" / f"{who}-{label}.jsonl", progress
         )
-        scores = score_suite(cfg, rows, embedder, out / "judge_cache.jsonl", progress)
+        scores = score_suite(cfg, rows, embedder, out / "judge_cache.jsonl", progress,
+                             recorded[name])  # fmt: skip
         result = {"suite": name, "model": cfg.model.name, "adapter": str(loaded.adapter), **scores}
         atomic_json(out / "suites" / f"{who}-{label}.json", result)
         line = f"{name}: {result['items']} items, {result['answers']} answers"
@@ -388,6 +390,8 @@ def _eval_suites(args: argparse.Namespace) -> int:
             line += f"  ROUGE-L {ref['rougeL']:.4f}"
             if ref.get("similarity") is not None:
                 line += f"  similarity {ref['similarity']:.4f}"
+        if result.get("script_match") is not None:
+            line += f"  in the asked script {100 * result['script_match']:.0f}%"
         j = result.get("judge")
         if j:
             score = "-" if j["score"] is None else f"{j['score']:.2f}"

@@ -31,6 +31,11 @@ class EvalConfig:
     suite_items: int = opt(
         0, "At most N items per suite (a seeded sample, the same for every model; 0 = all)."
     )
+    vicuna80_reference: str = opt(
+        "gpt35",
+        "Recorded answers scored as the vicuna80 suite's references (ROUGE-L, similarity): "
+        "eval/vicuna80/answer/answer_NAME.jsonl, e.g. gpt35, bard; '' for none.",
+    )
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "eval.every", "must be >= 0")

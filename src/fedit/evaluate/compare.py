@@ -95,9 +95,10 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
     if cfg.eval.every == 0:
         raise ConfigError("compare: eval.every=0 leaves the arms without a held-out loss")
     arms = list(dict.fromkeys(cfg.compare.arms))
-    from fedit.evaluate.suites import load_suite, suite_answers, suite_label
+    from fedit.evaluate.suites import load_suite, recorded_references, suite_answers, suite_label
 
     suites = {name: load_suite(name, cfg) for name in cfg.eval.suites}  # checked before training
+    recorded = {name: recorded_references(name, cfg) for name in cfg.eval.suites}
     out.mkdir(parents=True, exist_ok=True)
     atomic_text(out / "config.toml", to_toml(cfg))
     partition = load_partition(cfg)
@@ -192,7 +193,9 @@ def run_compare(cfg: Config, out: Path, progress: Progress | None = None) -> dic
             path = out / "answers" / f"{label}-{suite_label(name)}.jsonl"
             rows = suite_answers(loaded, name, items, path, progress)
             cache = out / "judge_cache.jsonl"
-            flat.setdefault("suites", {})[name] = score_suite(cfg, rows, embedder, cache, progress)
+            flat.setdefault("suites", {})[name] = score_suite(
+                cfg, rows, embedder, cache, progress, recorded[name]
+            )
         return flat
 
     results: dict[str, Any] = {

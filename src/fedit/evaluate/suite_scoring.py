@@ -101,6 +101,49 @@ def reference_metrics(rows: Sequence[dict[str, Any]], embedder: Embedder | None)
     return out
 
 
+# Languages whose script tells them apart (Latin-script languages share one: no check).
+SCRIPT_OF = {"japanese": "Japanese", "ja": "Japanese", "chinese": "Han", "zh": "Han",
+             "korean": "Hangul", "ko": "Hangul", "arabic": "Arabic", "ar": "Arabic",
+             "hindi": "Devanagari", "hi": "Devanagari", "telugu": "Telugu", "te": "Telugu",
+             "russian": "Cyrillic", "ru": "Cyrillic"}  # fmt: skip
+RANGES = [("Kana", 0x3040, 0x30FF), ("Han", 0x4E00, 0x9FFF), ("Han", 0x3400, 0x4DBF),
+          ("Hangul", 0xAC00, 0xD7AF), ("Hangul", 0x1100, 0x11FF), ("Arabic", 0x0600, 0x06FF),
+          ("Devanagari", 0x0900, 0x097F), ("Telugu", 0x0C00, 0x0C7F),
+          ("Cyrillic", 0x0400, 0x04FF), ("Latin", 0x0041, 0x024F)]  # fmt: skip
+
+
+def script(text: str) -> str | None:
+    """The script most of `text`'s letters are written in (Japanese: Han with kana), or None
+    for text without letters."""
+    counts: dict[str, int] = {}
+    for ch in text:
+        if ch.isalpha():
+            o = ord(ch)
+            name = next((n for n, lo, hi in RANGES if lo <= o <= hi), "other")
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return None
+    kana = counts.pop("Kana", 0)
+    if kana:  # Japanese mixes kana and kanji; Chinese has no kana
+        counts["Japanese"] = kana + counts.pop("Han", 0)
+    return max(counts, key=lambda k: counts[k])
+
+
+def script_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Share of first-turn answers written in the script of the language they were asked in,
+    overall and per language, for items whose language has a script of its own."""
+    hits: list[tuple[dict[str, Any], float]] = []
+    for r in rows:
+        want = SCRIPT_OF.get(str(r.get("language") or "").lower().split("_")[-1])
+        if want and r["answers"]:
+            hits.append((r, float(script(r["answers"][0]) == want)))
+    if not hits:
+        return {}
+    return {"script_match": _mean([h for _, h in hits]),
+            "script_match_per_language": _grouped([r for r, _ in hits],
+                                                  [h for _, h in hits], "language")}  # fmt: skip
+
+
 def judge_suite(cfg: Config, rows: Sequence[dict[str, Any]], cache: Path,
                 progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     """MT-Bench single-answer grading of every turn of every row, by the configured judge."""
@@ -132,11 +175,20 @@ def judge_suite(cfg: Config, rows: Sequence[dict[str, Any]], cache: Path,
 
 
 def score_suite(cfg: Config, rows: Sequence[dict[str, Any]], embedder: Embedder | None,
-                judge_cache: Path, progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
+                judge_cache: Path, progress: Progress | None = None,
+                recorded: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Reference metrics (against `recorded` answers by item id where given: vicuna80's),
+    the share of answers in the asked language's script, and the judge's grading."""
+    if recorded:
+        rows = [{**r, "references": [recorded[r["id"]]]} if r["id"] in recorded else r
+                for r in rows]  # fmt: skip
     out: dict[str, Any] = {"items": len(rows), "answers": sum(len(r["answers"]) for r in rows)}
     ref = reference_metrics(rows, embedder)
     if ref:
+        if recorded:
+            ref["reference_answers"] = f"recorded ({cfg.eval.vicuna80_reference})"
         out["reference"] = ref
+    out.update(script_metrics(rows))
     if cfg.judge.base_url:
         out["judge"] = judge_suite(cfg, rows, judge_cache, progress)
     return out

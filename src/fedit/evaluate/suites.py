@@ -146,6 +146,17 @@ def _own_suite(path: Path) -> list[Item]:
     return items
 
 
+def recorded_references(name: str, cfg: Config) -> dict[str, str]:
+    """The references a suite is scored against beyond its own: for `vicuna80`, the recorded
+    answers named by `eval.vicuna80_reference`, by question id (empty elsewhere)."""
+    ref = cfg.eval.vicuna80_reference
+    if name != "vicuna80" or not ref:
+        return {}
+    path = _file(f"eval/vicuna80/answer/answer_{ref}.jsonl")
+    return {str(r["question_id"]): str(r["text"])
+            for r in read_jsonl(path, ["question_id", "text"])}  # fmt: skip
+
+
 def suite_label(name: str) -> str:
     """A file name for the suite's answers and results."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if name.endswith(".jsonl") else name)
