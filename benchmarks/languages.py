@@ -3,9 +3,11 @@
     python benchmarks/languages.py --out runs/languages --seeds 1 2 3
 
 Arms, each a run folder (an interrupted sweep resumes, a finished run is reused):
-- `en-only`: the English clients alone (the same English data as every arm below);
+- `en-only`: the English clients alone (the same English data as every arm below), scored
+  on the Japanese test examples too;
 - `ja-50`, `ja-20`, `ja-5`: Japanese clients added at 50%, 20% and 5% of the clients, each as
-  large as an English client (English fixed at 4,000 records);
+  large as an English client (English fixed at 4,000 records); every arm has the same test
+  split (`data.sources[].train_records` caps the Japanese training records after it);
 - at 20%: `ja-local` (a Japanese client tuning alone, local-only), `centralized` (all
   the data pooled, as many steps as the federation), `qfedavg` (q = 1), `coverage`,
   `tag_mix` (rounds held at 50/50),
@@ -32,7 +34,9 @@ from fedit.recipe import run_federation
 SETTINGS = ["federation.rounds=3", "federation.clients_per_round=3", "client.max_steps=3",
             "data.cutoff_len=192", "data.test_per_category=3", "eval.every=3",
             "eval.at_start=false"]  # fmt: skip
-SHARES = {"ja-50": (8, 8, 4000), "ja-20": (8, 2, 1000), "ja-5": (19, 1, 210)}  # en, ja, ja records
+# en clients, ja clients, ja training records (each ja client as large as an English one: 3,976
+# English training records after the test split, over 8 or 19 clients)
+SHARES = {"ja-50": (8, 8, None), "ja-20": (8, 2, 994), "ja-5": (19, 1, 209)}
 AT_20: dict[str, dict[str, Any]] = {
     "ja-local": {"partition": {"only": [8]},
                  "federation": {"clients_per_round": 1, "min_clients": 1}},
@@ -49,14 +53,20 @@ ARMS = ["en-only", *SHARES, *AT_20]
 
 
 def arm_config(base: Any, arm: str) -> Any:
+    """Every arm holds the same 4,000 English and 4,000 Japanese records, so the same test split
+    (3 per language and category); arms differ in the Japanese records trained on
+    (`train_records`, drawn after the test split; en-only trains on none)."""
     en, ja = base.data.sources
+    en = {**en, "max_records": 4000}
+    ja = {**ja, "max_records": 4000}
     if arm == "en-only":
-        return variant(base, data={"sources": [{**en, "max_records": 4000, "clients": 8}]},
+        return variant(base, data={"sources": [{**en, "clients": 8},
+                                               {**ja, "clients": 0, "train_records": 0}]},
                        partition={"num_clients": 8})  # fmt: skip
     n_en, n_ja, ja_records = SHARES.get(arm, SHARES["ja-20"])
-    sources = [{**en, "max_records": 4000, "clients": n_en},
-               {**ja, "max_records": ja_records, "clients": n_ja}]  # fmt: skip
-    cfg = variant(base, data={"sources": sources}, partition={"num_clients": n_en + n_ja})
+    ja = {**ja, "clients": n_ja, **({"train_records": ja_records} if ja_records else {})}
+    cfg = variant(base, data={"sources": [{**en, "clients": n_en}, ja]},
+                  partition={"num_clients": n_en + n_ja})  # fmt: skip
     if arm == "centralized":  # the pooled data for as many steps as the federation takes
         steps = base.client.max_steps * base.federation.clients_per_round
         cfg = variant(cfg, client={"max_steps": steps})

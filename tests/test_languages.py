@@ -63,6 +63,34 @@ def test_english_and_japanese_clients_and_per_language_loss(tmp_path: Path) -> N
     assert all(torch.equal(resumed.adapter[k], result.adapter[k]) for k in result.adapter)
 
 
+def test_train_records_leave_the_test_split_in_place() -> None:
+    """`train_records` caps a source's training records after the test split: the test split is
+    the same for every cap, smaller caps keep subsets, and 0 makes the source test-only."""
+    base = _tiny(1)
+    en, ja = base.data.sources
+
+    def split(ja_src: dict[str, Any], clients: int) -> Any:
+        return load_partition(variant(base, data={"sources": [en, ja_src]},
+                                      partition={"num_clients": 2 + clients}))  # fmt: skip
+
+    def key(r: Any) -> tuple[str, str]:
+        return (r.instruction, r.response)
+
+    runs = {n: split({**ja, "train_records": n}, 1) for n in (40, 20)}
+    runs[0] = split({**ja, "train_records": 0, "clients": 0}, 0)
+    tests = [sorted(map(key, p.test)) for p in runs.values()]
+    assert tests[0] == tests[1] == tests[2]  # the same held-out set, Japanese included
+    assert {r.tags["language"] for r in runs[0].test} == {"en", "ja"}
+    ja_train = {n: {key(r) for c in p.clients for r in c if r.tags["language"] == "ja"}
+                for n, p in runs.items()}  # fmt: skip
+    assert len(ja_train[40]) == 40 and len(ja_train[20]) == 20 and not ja_train[0]
+    assert ja_train[20] < ja_train[40]  # nested
+    assert not ja_train[40] & set(tests[0])  # never a test record
+    assert len(runs[0].clients) == 2  # the English clients only
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].clients"):
+        variant(base, data={"sources": [en, {**ja, "train_records": 0}]})
+
+
 def test_a_missing_language_tag_is_refused_before_loading(data_file: Path) -> None:
     sources = [{"path": str(data_file), "tags": {"language": "en"}}, {"path": str(data_file),
                "tags": {"source": "again"}}]  # fmt: skip

@@ -41,7 +41,8 @@ class ModelConfig:
 
 
 FIELD_ROLES = {"instruction", "input", "output", "category", "user", "messages", "role", "content"}
-SOURCE_KEYS = {"path", "format", "fields", "roles", "tags", "category", "max_records", "clients"}
+SOURCE_KEYS = {"path", "format", "fields", "roles", "tags", "category", "max_records", "clients",
+               "train_records"}  # fmt: skip
 
 
 def check_source(src: Any, where: str) -> None:
@@ -71,7 +72,7 @@ def check_source(src: Any, where: str) -> None:
             f"{where}.{key}",
             "must be a table of strings",
         )
-    for key in ("max_records", "clients"):
+    for key in ("max_records", "clients", "train_records"):
         n = src.get(key, 0)
         check(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0,
@@ -142,9 +143,12 @@ class DataConfig:
     sources: list[dict[str, Any]] = opt(
         [],
         "Several files in one federation, each a table {path, format, fields, roles, tags, "
-        "category, max_records, clients}; tags (e.g. {domain='code'}) are kept on every record "
-        "and tag:NAME can define clients (partition.natural_field); `clients = k` on every "
-        "source splits each source into its own k clients. Empty = data.path alone.",
+        "category, max_records, clients, train_records}; tags (e.g. {domain='code'}) are kept on "
+        "every record and tag:NAME can define clients (partition.natural_field); `clients = k` "
+        "on every source splits each source into its own k clients; `train_records = n` keeps "
+        "n of the source's records left after the test split for training (a seeded sample; a "
+        "smaller n keeps a subset of a larger one's, and the test split does not move), 0 = "
+        "the source only feeds the test split. Empty = data.path alone.",
     )
     license: str = opt(
         "",
@@ -184,7 +188,14 @@ class DataConfig:
                     f"data.sources[{i}].tags.{name}",
                     f"missing: data.test_split_by asks for a {name!r} tag on every source",
                 )
-        counted = [bool(src.get("clients")) for src in self.sources]
+        for i, src in enumerate(self.sources):
+            check(
+                src.get("train_records") != 0 or not src.get("clients"),
+                f"data.sources[{i}].clients",
+                "train_records = 0 makes this source test-only: it has no clients",
+            )
+        counted = [bool(src.get("clients")) or src.get("train_records") == 0
+                   for src in self.sources]  # fmt: skip
         if any(counted):
             i = counted.index(False) if not all(counted) else -1
             check(

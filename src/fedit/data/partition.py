@@ -202,7 +202,7 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
         records, cfg.data.test_per_category, generator(cfg.seed, "test-split"),
         cfg.data.test_split_by,
     )  # fmt: skip
-    train = [records[i] for i in train_idx]
+    train = _cap_training([records[i] for i in train_idx], cfg)
     parts = _split(train, cfg)
     clients = [[train[i] for i in p] for p in parts]
     clients, own = _client_tests(clients, cfg.data.client_test_fraction, cfg.seed)
@@ -227,6 +227,25 @@ def make_partition(records: Sequence[Record], cfg: Config) -> Partition:
     return Partition(clients, test, partition_stats(clients, test), own)
 
 
+def _source_names(cfg: Config) -> list[str]:
+    return [src.get("tags", {}).get("source", Path(src["path"]).stem) for src in cfg.data.sources]
+
+
+def _cap_training(train: list[Record], cfg: Config) -> list[Record]:
+    """`data.sources[].train_records`: n of a source's training records (a seeded permutation's
+    first n, so a smaller n keeps a subset of a larger one's); drawn after the test split, so
+    the test split is the same whatever n is."""
+    drop: set[int] = set()
+    for i, (src, name) in enumerate(zip(cfg.data.sources, _source_names(cfg), strict=True)):
+        n = src.get("train_records")
+        if n is None:
+            continue
+        idx = [j for j, r in enumerate(train) if r.tags.get("source") == name]
+        order = generator(cfg.seed, "train-records", i).permutation(len(idx))
+        drop.update(idx[int(j)] for j in order[n:])
+    return [r for j, r in enumerate(train) if j not in drop] if drop else train
+
+
 def _split(train: Sequence[Record], cfg: Config) -> list[list[int]]:
     """`partition.method` over all records or, where each of `data.sources` names its number
     of clients, over each source's records apart (its clients numbered after the previous
@@ -242,9 +261,10 @@ def _split(train: Sequence[Record], cfg: Config) -> list[list[int]]:
             f"partition.num_clients={cfg.partition.num_clients}, but data.sources[].clients "
             f"add up to {total} ({' + '.join(map(str, counts))}); set it to {total} or 0"
         )
-    names = [src.get("tags", {}).get("source", Path(src["path"]).stem) for src in cfg.data.sources]
     parts: list[list[int]] = []
-    for i, (name, k) in enumerate(zip(names, counts, strict=True)):
+    for i, (name, k) in enumerate(zip(_source_names(cfg), counts, strict=True)):
+        if k == 0:  # a test-only source (train_records = 0): no clients
+            continue
         idx = [j for j, r in enumerate(train) if r.tags.get("source") == name]
         if len(idx) < k:
             raise PartitionError(
