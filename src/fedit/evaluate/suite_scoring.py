@@ -179,11 +179,12 @@ def score_suite(cfg: Config, rows: Sequence[dict[str, Any]], embedder: Embedder 
                 recorded: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Reference metrics (against `recorded` answers by item id where given: vicuna80's),
     the share of answers in the asked language's script, and the judge's grading."""
-    if recorded:
-        rows = [{**r, "references": [recorded[r["id"]]]} if r["id"] in recorded else r
-                for r in rows]  # fmt: skip
+    # The recorded answers are references for the metrics only: the judge keeps the suite's
+    # own references (MT-Bench's reference-guided grading is for reference answers it ships).
+    against = [{**r, "references": [recorded[r["id"]]]} if r["id"] in recorded else r
+               for r in rows] if recorded else rows  # fmt: skip
     out: dict[str, Any] = {"items": len(rows), "answers": sum(len(r["answers"]) for r in rows)}
-    ref = reference_metrics(rows, embedder)
+    ref = reference_metrics(against, embedder)
     if ref:
         if recorded:
             ref["reference_answers"] = f"recorded ({cfg.eval.vicuna80_reference})"
