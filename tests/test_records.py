@@ -137,3 +137,11 @@ def test_canonical_round_trip(data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.jsonl"
     write_jsonl(out, records)
     assert read_canonical(out) == records
+
+
+def test_a_chat_record_with_an_empty_instruction_names_its_line(tmp_path: Path) -> None:
+    p = tmp_path / "chat.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": ""}, '
+                 '{"role": "assistant", "content": "0"}]}\n')  # fmt: skip
+    with pytest.raises(DataError, match=r"chat.jsonl:1: the last user turn \(the instruction\)"):
+        load_records(DataConfig(path=str(p), format="chat"))

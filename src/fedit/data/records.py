@@ -237,6 +237,8 @@ def to_record(
         raise DataError(f"{where}: a chat record must end with a user turn then an assistant turn")
     if not turns[-1]["content"].strip():
         raise DataError(f"{where}: the final assistant turn is empty")
+    if not turns[-2]["content"].strip():
+        raise DataError(f"{where}: the last user turn (the instruction) is empty")
     return Record(
         instruction=turns[-2]["content"],
         response=turns[-1]["content"],
