@@ -89,7 +89,10 @@ def one(config: Path, extra: list[str], out: Path, arm: str, seed: int) -> dict[
             "en": langs.get("en", {}).get("loss"), "ja": langs.get("ja", {}).get("loss"),
             "ja_example": langs.get("ja", {}).get("example_loss"),
             "gap": ev.get("tag_gap", {}).get("language", {}).get("gap"),
-            "tokens": {k: statistics.fmean(v) for k, v in costs.items()}}  # fmt: skip
+            "tokens": {k: statistics.fmean(v) for k, v in costs.items()},
+            # each client's own held-out records, per language: the global adapter, the
+            # personal models and their paired gain (arms with personalization only)
+            "own": (ev.get("own_data") or {}).get("by_tag", {}).get("language", {})}  # fmt: skip
 
 
 def _ms(xs: list[float | None]) -> str:
@@ -116,6 +119,24 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         lines.append(f"| {arm} | {_ms([r['loss'] for r in rs])} | {_ms([r['en'] for r in rs])} | "
                      f"{_ms([r['ja'] for r in rs])} | {_ms(gap)} | "
                      f"{_ms([r['ja_example'] for r in rs])} | {tok} |")  # fmt: skip
+    own = [r for r in rows if r.get("own")]
+    if own:
+        lines += [
+            "",
+            "Own held-out records of each client, per language (mean over the "
+            "language's clients; gain = personal − global on the same clients):",
+            "",
+            "| arm | language | clients | global | personal | gain |",
+            "|---" * 6 + "|",
+        ]
+        for arm in ARMS:
+            rs = [r for r in own if r["arm"] == arm]
+            for lang in sorted({k for r in rs for k in r["own"]}):
+                vals = [r["own"][lang] for r in rs if lang in r["own"]]
+                lines.append(f"| {arm} | {lang} | {vals[0]['clients']} | "
+                             f"{_ms([v['loss'] for v in vals])} | "
+                             f"{_ms([v.get('personal') for v in vals])} | "
+                             f"{_ms([v.get('gain') for v in vals])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

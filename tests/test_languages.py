@@ -121,6 +121,33 @@ def test_tag_mix_holds_the_language_mix_on_hand_numbers() -> None:
     assert len(got) == 4 and 8 in got
 
 
+def test_own_data_per_language_on_hand_numbers() -> None:
+    from fedit.fairness import own_by_tag
+
+    tags = [{"language": "en"}, {"language": "en"}, {"language": "ja"}]
+    clients = {"0": {"loss": 2.0, "personal": 1.5}, "1": {"loss": 3.0},
+               "2": {"loss": 1.0, "personal": 1.25}}  # fmt: skip
+    got = own_by_tag(clients, tags)["language"]
+    # en: global over both clients; personal and gain over client 0 only (1 has none)
+    assert got["en"] == {"clients": 2, "loss": 2.5, "personal": 1.5, "gain": -0.5,
+                         "personal_clients": 1}  # fmt: skip
+    assert got["ja"] == {"clients": 1, "loss": 1.0, "personal": 1.25, "gain": 0.25,
+                         "personal_clients": 1}  # fmt: skip
+
+
+def test_personal_models_scored_per_language(tmp_path: Path) -> None:
+    cfg = variant(_tiny(1), personalization={"method": "finetune"},
+                  data={"client_test_fraction": 0.1}, federation={"clients_per_round": 3})  # fmt: skip
+    run_federation(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    own = summary["own_data"]
+    by = own["by_tag"]["language"]
+    assert by["en"]["clients"] == 2 and by["ja"]["clients"] == 1
+    ja = own["clients"]["2"]  # the Japanese client: its own loss, personal and paired gain
+    assert by["ja"]["loss"] == pytest.approx(ja["loss"])
+    assert by["ja"]["gain"] == pytest.approx(ja["personal"] - ja["loss"])
+
+
 def test_weight_by_tokens_and_tag_mix_end_to_end(tmp_path: Path, data_file: Path) -> None:
     cfg = variant(_tiny(2), federation={"selection": "tag_mix", "clients_per_round": 2},
                   selection={"tag": "language", "shares": {"en": 0.5, "ja": 0.5}},

@@ -77,3 +77,26 @@ def tag_costs(
         cost = {"clients": n, "tokens_per_example": tokens / seen}
         out.setdefault(name, {})[value] = {**cost, "seconds_per_example": seconds / seen}
     return out
+
+
+def own_by_tag(
+    clients: Mapping[str, Mapping[str, float]], tags: Sequence[Mapping[str, str]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The own-data evaluation per tag value (e.g. per language): the mean loss of the global
+    adapter over the value's clients and, where clients hold a personal model, the mean
+    personal loss and the mean gain (personal minus global) over those same clients."""
+    acc: dict[tuple[str, str], list[Mapping[str, float]]] = {}
+    for c, row in clients.items():
+        if int(c) < len(tags):
+            for name, value in tags[int(c)].items():
+                acc.setdefault((name, value), []).append(row)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (name, value), rows in sorted(acc.items()):
+        entry = {"clients": len(rows), "loss": statistics.fmean(r["loss"] for r in rows)}
+        mine = [r for r in rows if "personal" in r]
+        if mine:
+            entry["personal"] = statistics.fmean(r["personal"] for r in mine)
+            entry["gain"] = statistics.fmean(r["personal"] - r["loss"] for r in mine)
+            entry["personal_clients"] = len(mine)
+        out.setdefault(name, {})[value] = entry
+    return out

@@ -18,7 +18,7 @@ import torch
 from fedit.compression import Codec
 from fedit.config import Config, ConfigError
 from fedit.errors import FeditError
-from fedit.fairness import spread, tag_costs
+from fedit.fairness import own_by_tag, spread, tag_costs
 from fedit.faults import crash_now
 from fedit.lora import AdapterState, state_bytes
 from fedit.progress import Progress
@@ -249,6 +249,8 @@ class Server:
             # personal minus global on the same clients (a client never sampled has no
             # personal model: comparing means over different clients would mislead)
             out["gain"] = sum(mine[c] - clients[c]["loss"] for c in mine) / len(mine)
+        if any(self.tags):
+            out["by_tag"] = own_by_tag(clients, self.tags)
         return out
 
     def run_round(self, rnd: int, engine: Engine, run_id: str = "") -> dict[str, Any]:
