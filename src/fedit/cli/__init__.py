@@ -189,7 +189,11 @@ def _parser() -> argparse.ArgumentParser:
         "federate", help="run the config over real Flower processes on this machine (loopback)"
     )
     _config_args(fed)
-    fed.add_argument("--nodes", type=int, help="SuperNodes to start (= partition.num_clients)")
+    fed.add_argument(
+        "--nodes",
+        type=int,
+        help="SuperNodes to start, each holding a block of the clients (default: one per client)",
+    )
     fed.add_argument("--out", help="run folder (default: runs/<config name>-flower)")
     fed.add_argument(
         "--secure", action="store_true", help="TLS (test CA) and SuperNode authentication"

@@ -103,8 +103,20 @@ def train(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------- ServerApp
 
 
+def _ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out: list[str] = []
+    for c in ids:
+        if out and c == int(out[-1].rsplit("-", 1)[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ", ".join(out)
+
+
 class FlowerClients:
-    """fedit's `Remote`: clients are Flower nodes; each node announces which client it holds."""
+    """fedit's `Remote`: clients live on Flower nodes; each node announces the clients it holds
+    (one or many). Selection stays over clients; a task goes to its client's node."""
 
     def __init__(
         self, grid: Grid, cfg: Any, config_json: str, progress: Any, context: Context
@@ -134,9 +146,10 @@ class FlowerClients:
     def _exchange(
         self, messages: list[Message], timeout: float
     ) -> tuple[dict[int, Message], dict[int, str]]:
-        """Replies by destination node, and why the others have none (error, lost, late)."""
+        """Replies by message (its index in `messages`), and why the others have none (error,
+        lost, late)."""
         ids = list(self.grid.push_messages(messages))
-        dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        index = {mid: i for i, mid in enumerate(ids)}
         replies: dict[int, Message] = {}
         missing: dict[int, str] = {}
         deadline = time.monotonic() + timeout
@@ -146,31 +159,42 @@ class FlowerClients:
                 mid = reply.metadata.reply_to_message_id
                 pending.discard(mid)
                 if reply.has_error():
-                    missing[dst[mid]] = f"node error: {reply.error.reason}"
+                    missing[index[mid]] = f"node error: {reply.error.reason}"
                 else:
-                    replies[dst[mid]] = reply
+                    replies[index[mid]] = reply
             if pending:
-                time.sleep(0.2)
+                time.sleep(0.05)
         for mid in pending:
-            missing[dst[mid]] = f"no reply within flower.round_timeout={timeout:g}s"
+            missing[index[mid]] = f"no reply within flower.round_timeout={timeout:g}s"
         return replies, missing
 
     def _discover(self) -> list[int]:
+        """Ask each connecting node which clients it holds, until every client of the
+        partition is held (a node holds one or many) or flower.connect_timeout passes."""
         want = self.cfg.partition.num_clients
-        deadline = time.monotonic() + self.cfg.flower.connect_timeout
-        nodes = list(self.grid.get_node_ids())
-        while len(nodes) < want and time.monotonic() < deadline:
-            time.sleep(1.0)
-            nodes = list(self.grid.get_node_ids())
-        if not nodes:
-            raise RuntimeError(
-                f"no SuperNode connected within flower.connect_timeout="
-                f"{self.cfg.flower.connect_timeout:g}s"
-            )
-        self.progress.log(f"{len(nodes)} nodes connected; asking which clients they hold")
-        messages = [self._message({"task": self._task(kind="hello")}, "query", n, "hello")
-                    for n in nodes]  # fmt: skip
-        replies, missing = self._exchange(messages, self.cfg.flower.connect_timeout)
+        timeout = self.cfg.flower.connect_timeout
+        deadline = time.monotonic() + timeout
+        replies: dict[int, Message] = {}
+        missing: dict[int, str] = {}
+        asked: set[int] = set()
+        held = 0
+        while time.monotonic() < deadline:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if new:
+                self.progress.log(f"{len(new)} nodes connected; asking which clients they hold")
+                messages = [self._message({"task": self._task(kind="hello")}, "query", n,
+                                          "hello") for n in new]  # fmt: skip
+                got, lost = self._exchange(messages, max(1.0, deadline - time.monotonic()))
+                replies.update({new[i]: r for i, r in got.items()})
+                missing.update({new[i]: why for i, why in lost.items()})
+                asked.update(new)
+                held = sum(len(json.loads(str(r.content["info"]["clients"])))
+                           for r in replies.values())  # fmt: skip
+            if held >= want:
+                break
+            time.sleep(0.5)
+        if not asked:
+            raise RuntimeError(f"no SuperNode connected within flower.connect_timeout={timeout:g}s")
         for n, why in missing.items():
             self.progress.log(f"node {n} did not answer hello: {why}")
         sizes: dict[int, int] = {}
@@ -178,30 +202,41 @@ class FlowerClients:
         tags: dict[int, dict[str, str]] = {}
         for n, reply in replies.items():
             info: Any = reply.content["info"]
-            client = int(info["client"])
-            if client in self.node_of:
-                raise RuntimeError(
-                    f"nodes {self.node_of[client]} and {n} both hold client {client}"
-                )
-            self.node_of[client] = n
-            sizes[client] = int(info["records"])
-            counts[client] = json.loads(str(info.get("categories", "{}")))
-            tags[client] = json.loads(str(info.get("tags", "{}")))
+            for one in json.loads(str(info["clients"])):
+                client = int(one["client"])
+                if client in self.node_of:
+                    raise RuntimeError(
+                        f"nodes {self.node_of[client]} and {n} both hold client {client}"
+                    )
+                self.node_of[client] = n
+                sizes[client] = int(one["records"])
+                counts[client] = one["categories"]
+                tags[client] = one["tags"]
         absent = sorted(set(range(want)) - set(sizes))
-        if absent:
+        extra = sorted(set(sizes) - set(range(want)))
+        if absent or extra:
             why = "; ".join(f"node {n}: {r}" for n, r in missing.items())
             raise RuntimeError(
-                f"no node holds clients {absent} of partition.num_clients={want}; "
-                f"connected clients: {sorted(sizes)}" + (f" ({why})" if why else "")
+                (f"no node holds clients {absent}" if absent else f"nodes hold clients {extra}")
+                + f" of partition.num_clients={want}; connected clients: {sorted(sizes)}"
+                + (f" ({why})" if why else "")
             )
-        self.progress.log(f"clients on nodes: {dict(sorted(self.node_of.items()))}")
+        held_by: dict[int, list[int]] = {}
+        for c, n in sorted(self.node_of.items()):
+            held_by.setdefault(n, []).append(c)
+        self.progress.log(
+            "clients on nodes: "
+            + "; ".join(f"node {n}: {_ranges(cs)}" for n, cs in sorted(held_by.items()))
+        )
         self.categories = [counts[c] for c in range(want)]
         self.tags = [tags[c] for c in range(want)]
         return [sizes[c] for c in range(want)]
 
     def launch(self, tasks: Sequence[Task]) -> list[tuple[int, Callable[[], Update]]]:
+        """One message per task; a node holding several of the round's clients trains them
+        one after another on its one model."""
         online = set(self.grid.get_node_ids())
-        messages, reasons = [], {}
+        messages, sent, reasons = [], [], {}
         rnd = tasks[0].round if tasks else 0
         for t in tasks:
             n = self.node_of[t.client]
@@ -212,10 +247,11 @@ class FlowerClients:
             messages.append(
                 Message(content, dst_node_id=n, message_type="train", group_id=str(t.round))
             )
+            sent.append(t.client)
         replies, missing = self._exchange(messages, self.cfg.flower.round_timeout)
-        client_of = {n: c for c, n in self.node_of.items()}
-        for n, why in missing.items():
-            reasons[client_of[n]] = why
+        got = {sent[i]: reply for i, reply in replies.items()}
+        for i, why in missing.items():
+            reasons[sent[i]] = why
         for c, why in reasons.items():
             self.lost.append({"round": rnd, "client": c, "node": self.node_of[c], "reason": why})
 
@@ -223,7 +259,7 @@ class FlowerClients:
             def get() -> Update:
                 if c in reasons:
                     raise RuntimeError(reasons[c])
-                return Update.from_payload(_payload(replies[self.node_of[c]].content))
+                return Update.from_payload(_payload(got[c].content))
 
             return get
 
@@ -238,6 +274,11 @@ class FlowerClients:
                 reason = f"node {self.node_of[t.client]} is not connected"
                 self.lost.append({"round": t.round, "client": t.client,
                                   "node": self.node_of[t.client], "reason": reason})  # fmt: skip
+        if len({self.node_of[t.client] for t in live}) < len(live):
+            raise RuntimeError(
+                "privacy.secure_aggregation: Flower's SecAgg+ masks one update per node, and a "
+                "node here holds several of this round's clients; serve one client per node"
+            )
         if len(live) < 2:
             return None
         seed = int(self.cfg.seed)
@@ -276,7 +317,7 @@ class FlowerClients:
         """Tell every node's worker the run is over (it would also time out on its own)."""
         online = set(self.grid.get_node_ids())
         messages = [self._message({"task": self._task(kind="stop")}, "query", n, "stop")
-                    for n in self.node_of.values() if n in online]  # fmt: skip
+                    for n in sorted(set(self.node_of.values())) if n in online]  # fmt: skip
         if messages:
             self._exchange(messages, 30.0)
 

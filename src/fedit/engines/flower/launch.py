@@ -1,4 +1,5 @@
-"""`fedit federate`: a SuperLink and N SuperNodes on loopback, the fedit app run through them.
+"""`fedit federate`: a SuperLink and N SuperNodes on loopback, the fedit app run through them;
+the partition's clients are spread over the nodes in contiguous blocks.
 
 Every process it starts lives in its own process group, and every group is stopped on the way
 out (normal end, error or Ctrl-C): SuperNodes first, then the SuperLink. The app folder,
@@ -235,6 +236,18 @@ def register_node(public_key: Path, env: dict[str, str]) -> None:
         raise FederateError(f"registering {public_key} failed: {proc.stdout}{proc.stderr}")
 
 
+def spread_clients(num_clients: int, nodes: int) -> list[list[int]]:
+    """Clients 0..num_clients-1 over `nodes` nodes in contiguous blocks, sizes differing by
+    at most one (10 over 3: 0-3, 4-6, 7-9)."""
+    size, extra = divmod(num_clients, nodes)
+    out, start = [], 0
+    for i in range(nodes):
+        n = size + (i < extra)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
 def federate(
     cfg: Config, out: Path, nodes: int | None = None, secure: bool = False, echo: Any = None
 ) -> dict[str, Any]:
@@ -244,10 +257,15 @@ def federate(
     registered with the SuperLink before it starts."""
     want = cfg.partition.num_clients
     nodes = want if nodes is None else nodes
-    if nodes != want:
+    if not 1 <= nodes <= want:
         raise FederateError(
-            f"--nodes {nodes}: each node serves one client of the partition, so it must equal "
-            f"partition.num_clients={want} (or set --set partition.num_clients={nodes})"
+            f"--nodes {nodes}: between 1 and partition.num_clients={want} (each node holds "
+            "one or more of the partition's clients)"
+        )
+    if cfg.privacy.secure_aggregation and nodes < want:
+        raise FederateError(
+            f"--nodes {nodes} with privacy.secure_aggregation: Flower's SecAgg+ masks one "
+            f"update per node, so each node must hold one client (--nodes {want})"
         )
     if cfg.federation.workers > 1:
         raise FederateError("federation.workers: the nodes train in parallel already; use 1")
@@ -267,10 +285,11 @@ def federate(
         wait_health(port, link, pki["ca"] if pki else None)
         say(f"SuperLink on 127.0.0.1:{port}{' (TLS, node auth)' if pki else ''}, logs in "
             f"{flower / 'logs'}")  # fmt: skip
-        for i in range(nodes):
-            # Each node keeps its client's state (error feedback) in a folder of its own.
+        for i, held in enumerate(spread_clients(want, nodes)):
+            # Each node keeps its clients' state (error feedback) in a folder of its own.
             state = flower / "nodes" / f"node-{i}"
-            cfg_text = f'partition-id={i} num-partitions={nodes} state-dir="{state}"'
+            ids = f"{held[0]}-{held[-1]}" if len(held) > 1 else str(held[0])
+            cfg_text = f'partition-ids="{ids}" num-partitions={want} state-dir="{state}"'
             if pki:
                 register_node(pki[f"node-{i}.pub"], env)
             cmd = supernode_cmd(

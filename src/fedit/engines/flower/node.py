@@ -4,7 +4,9 @@ Flower's deployment engine starts a fresh `flwr-clientapp` process for every mes
 ClientApp that loaded the model itself would load it again every round. fedit's ClientApp is a
 thin shim instead: it hands each task over a local, authenticated Unix socket to this worker,
 which the first message of a run starts and which keeps the model, the tokenized local data and
-a client runtime (hence `train_local`) like the simulation's for the whole run.
+a client runtime (hence `train_local`) like the simulation's for the whole run. A node holds any
+number of clients (node config `partition-ids`, or a `data-dir` of client files): it trains
+those the server samples one after another on the one model.
 The worker exits when the server says the run is over, when the SuperNode that started it is
 gone, or after `flower.worker_idle_timeout` idle seconds.
 
@@ -133,14 +135,76 @@ def call(conn: Connection, kind: str, payload: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------- the worker process
 
 
+def node_clients(node_config: dict[str, Any], num_clients: int) -> list[int] | None:
+    """The partition's clients a node holds, from its node config: `partition-id` (one) or
+    `partition-ids` (several: "0,3,7" or "0-9"); None where the node holds its own files."""
+    if "partition-ids" in node_config:
+        text = str(node_config["partition-ids"])
+        ids: list[int] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            try:
+                ids += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            except ValueError:
+                raise RuntimeError(
+                    f"node config partition-ids={text!r}: not a list of client ids "
+                    f'(e.g. "0,3,7" or "0-9")'
+                ) from None
+    elif "partition-id" in node_config:
+        ids = [int(node_config["partition-id"])]
+    else:
+        return None
+    bad = [c for c in ids if not 0 <= c < num_clients]
+    if bad or not ids or len(set(ids)) != len(ids):
+        raise RuntimeError(
+            f"node config {ids}: each must be a distinct client of the partition "
+            f"(0..{num_clients - 1})" + (f"; not clients: {bad}" if bad else "")
+        )
+    return sorted(ids)
+
+
+def _own_files(cfg: Any, node_config: dict[str, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+    """A node with files of its own: `data-path` (one client, id `client-id`) or `data-dir`
+    (a folder of client_NNNN.jsonl, as `fedit partition` writes; NNNN is the client id).
+    A client's own held-out records: its client_NNNN.own.jsonl (`own-data-path` for
+    `data-path`), else `data.client_test_fraction` of its records, as in a simulation."""
+    from fedit.config import variant
+    from fedit.data.partition import hold_out
+    from fedit.data.records import load_records
+
+    if node_config.get("data-dir"):
+        folder = Path(str(node_config["data-dir"]))
+        files = {
+            int(f.name[7:11]): f for f in sorted(folder.glob("client_[0-9][0-9][0-9][0-9].jsonl"))
+        }
+        if not files:
+            raise RuntimeError(f"node config data-dir={folder}: no client_NNNN.jsonl file there")
+        owns = {c: f.with_name(f"client_{c:04d}.own.jsonl") for c, f in files.items()}
+    else:
+        c = int(node_config.get("client-id", node_config.get("partition-id", 0)))
+        files = {c: Path(str(node_config["data-path"]))}
+        own_path = node_config.get("own-data-path")
+        owns = {c: Path(str(own_path))} if own_path else {}
+    data, own = {}, {}
+    for c, path in files.items():
+        mine = {"path": str(path), "max_records": 0, "sources": [], "test_split_by": []}
+        records, _ = load_records(variant(cfg, data=mine).data)
+        if c in owns and owns[c].is_file():
+            own[c] = load_records(variant(cfg, data={**mine, "path": str(owns[c])}).data)[0]
+        elif cfg.data.client_test_fraction:
+            records, own[c] = hold_out(records, cfg.data.client_test_fraction, cfg.seed, c)
+        data[c] = records
+    return data, own
+
+
 class NodeState:
-    """What the worker keeps for the run: the client runtime of the client this node holds."""
+    """What the worker keeps for the run: one client runtime (the base model, loaded once)
+    for every client this node holds."""
 
     def __init__(self) -> None:
         self.runtime: Any = None
         self.config_json = ""
-        self.client_id = 0
-        self.num_records = 0
+        self.clients: list[int] = []
         self.model_loads = 0
         self.state_root = Path(tempfile.gettempdir())
         self.run_id: str | None = None
@@ -153,80 +217,51 @@ class NodeState:
         import torch
 
         from fedit.client.runtime import ClientRuntime, check_client_data
-        from fedit.config import config_from_dict, variant
-        from fedit.data.partition import hold_out, load_partition
-        from fedit.data.records import load_records
+        from fedit.config import config_from_dict
+        from fedit.data.partition import load_partition
         from fedit.lora import load_lora_model
 
         cfg = config_from_dict(json.loads(config_json))
-        data_path = node_config.get("data-path")
-        if data_path:
-            # A node with only its own records: they are one client, whose id comes from the
-            # node config (it seeds the client's training).
-            mine = {"path": str(data_path), "max_records": 0, "sources": [], "test_split_by": []}
-            cfg = variant(cfg, data=mine)
-            self.client_id = int(node_config.get("client-id", node_config.get("partition-id", 0)))
-            records, _ = load_records(cfg.data)
-            own_path = node_config.get("own-data-path")
-            if own_path:  # its own held-out records in a file of their own
-                own_cfg = variant(cfg, data={"path": str(own_path)})
-                own = {self.client_id: load_records(own_cfg.data)[0]}
-            elif cfg.data.client_test_fraction:  # held out from its records, as a simulation
-                records, held = hold_out(
-                    records, cfg.data.client_test_fraction, cfg.seed, self.client_id
-                )
-                own = {self.client_id: held}
-            else:
-                own = {}
+        if node_config.get("data-path") or node_config.get("data-dir"):
+            data, own = _own_files(cfg, node_config)
         else:
-            if "partition-id" not in node_config:
-                raise RuntimeError(
-                    "node config needs 'partition-id' (a client of the config's partition) or "
-                    "'data-path' (this node's own records, with 'client-id')"
-                )
-            self.client_id = int(node_config["partition-id"])
             partition = load_partition(cfg)
-            clients = partition.clients
-            own = {c: r for c, r in partition.client_tests.items() if c == self.client_id}
-            if not 0 <= self.client_id < len(clients):
+            ids = node_clients(node_config, len(partition.clients))
+            if ids is None:
                 raise RuntimeError(
-                    f"partition-id {self.client_id} is not a client of the partition "
-                    f"(0..{len(clients) - 1})"
+                    "node config needs 'partition-id' or 'partition-ids' (clients of the "
+                    "config's partition), 'data-path' (this node's own records, with "
+                    "'client-id') or 'data-dir' (a folder of client_NNNN.jsonl)"
                 )
-            records = clients[self.client_id]
+            data = {c: partition.clients[c] for c in ids}
+            own = {c: r for c, r in partition.client_tests.items() if c in data}
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         lm = load_lora_model(cfg)
-        check_client_data({self.client_id: records}, lm.tokenizer, cfg)  # at hello: before round 1
-        self.runtime = ClientRuntime(cfg, lm, {self.client_id: records}, own=own)
+        check_client_data(data, lm.tokenizer, cfg)  # at hello: before round 1
+        self.runtime = ClientRuntime(cfg, lm, data, own=own)
         self.model_loads += 1
         self.config_json = config_json
-        self.num_records = len(records)
+        self.clients = sorted(data)
         self.state_root = state_root(node_config)
 
     def hello(self, p: dict[str, Any]) -> dict[str, Any]:
         self.setup(p["config"], p["node_config"])
         from fedit.client.runtime import category_counts, common_tags
 
-        return {
-            "client": self.client_id,
-            "records": self.num_records,
-            "categories": json.dumps(category_counts(self.runtime.data[self.client_id])),
-            "tags": json.dumps(common_tags(self.runtime.data[self.client_id])),
-            "model_loads": self.model_loads,
-            "pid": os.getpid(),
-        }
+        data = self.runtime.data
+        held = [{"client": c, "records": len(data[c]), "categories": category_counts(data[c]),
+                 "tags": common_tags(data[c])} for c in self.clients]  # fmt: skip
+        return {"clients": json.dumps(held), "model_loads": self.model_loads, "pid": os.getpid()}
 
     def train(self, p: dict[str, Any]) -> Any:
-
         self.setup(p["config"], p["node_config"])
         payload = p["payload"]
-        if int(payload.values["client"]) != self.client_id:
-            raise RuntimeError(
-                f"task for client {payload.values['client']} reached client {self.client_id}"
-            )
+        client = int(payload.values["client"])
+        if client not in self.clients:
+            raise RuntimeError(f"task for client {client} reached a node holding {self.clients}")
         run_id = str(payload.values.get("run_id", ""))
-        if run_id != self.run_id:  # the client's own state, on this node's disk, per run
+        if run_id != self.run_id:  # the clients' own state, on this node's disk, per run
             folder = self.state_root / "fedit-client-state" / (run_id or "unnamed")
             self.runtime.use_store_folder(folder)
             self.run_id = run_id
