@@ -169,15 +169,35 @@ def load_lora_model(cfg: Config, training: bool = True) -> LoraModel:
 
     `training`: first refuse a run whose estimated peak memory exceeds the device's.
     """
-    from fedit.models import autocast_dtype, load_model, model_config, pick_device
+    from fedit.models import RANDOM, autocast_dtype, load_model, model_config, pick_device
     from fedit.resources import check_memory
 
     device = pick_device(cfg.model)
     if training:
         check_memory(model_config(cfg.model), cfg, device)
-    tokenizer, base = load_model(cfg.model, seed=derive_seed(cfg.seed, "base-init"))
-    # LoRA is initialized on the CPU, so the same seed gives the same adapter on any device.
+    # A random or quantized base is built where it trains (a 7B model in fp32 would not fit
+    # the host); any other is loaded on the CPU and moved.
+    built_there = cfg.model.quantization != "none" or cfg.model.name.startswith(RANDOM)
+    seed = derive_seed(cfg.seed, "base-init")
+    tokenizer, base = load_model(cfg.model, seed=seed, device=device if built_there else None)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # LayerNorms and the output layer in fp32 for stable training on a quantized base
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach LoRA though the base is frozen, and
+        # dropout replays the same mask in the recomputation.
+        kw = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        base.config.use_cache = False
+    # LoRA is initialized on the CPU, so the same seed gives the same adapter on any device
+    # (on a base built on the GPU, LoRA is initialized there).
     model = attach_lora(base, cfg.lora, derive_seed(cfg.seed, "lora-init"), cfg.model.name)
-    model.to(device)
+    if cfg.model.quantization == "none":
+        model.to(device)
     model.fedit_autocast = autocast_dtype(cfg.model, device)
     return LoraModel(tokenizer, model, device)

@@ -1,7 +1,8 @@
 """Resolve `model.name` to a tokenizer and a causal LM.
 
-Order: the tiny test model, a local folder, the offline packaged SmolLM2 (converted once to a
-cached safetensors folder), then the hub. Errors list every place that was tried.
+Order: the tiny test model, a random-initialized real architecture (`fedit/random:...`), a
+local folder, the offline packaged SmolLM2 (converted once to a cached safetensors folder),
+then the hub. Errors list every place that was tried.
 """
 
 from __future__ import annotations
@@ -18,6 +19,28 @@ from fedit.errors import FeditError
 from fedit.files import atomic_dir
 
 TINY = "fedit/tiny-llama"
+RANDOM = "fedit/random:"
+# Full-size architectures (as their published config.json files give them) for throughput
+# runs with random weights: the paper's LLaMA-7B, LLaMA-2 7B / 13B, and SmolLM2-135M.
+_LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+          "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 1,
+          "eos_token_id": 2}  # fmt: skip
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008,
+                 "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "max_position_embeddings": 2048},
+    "llama2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "rms_norm_eps": 1e-5,
+                  "max_position_embeddings": 4096},
+    "llama2-13b": {**_LLAMA, "hidden_size": 5120, "intermediate_size": 13824,
+                   "num_hidden_layers": 40, "num_attention_heads": 40, "rms_norm_eps": 1e-5,
+                   "max_position_embeddings": 4096},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+                     "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                     "rope_theta": 100000.0},
+}  # fmt: skip
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FEDIT_CACHE_DIR"
@@ -159,10 +182,63 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     atomic_dir(out, fill)
 
 
+def random_architecture(name: str) -> Any:
+    """The architecture behind `fedit/random:<preset or folder>` (a folder: its config.json,
+    as a model's hub folder has it; no weights are read)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    what = name[len(RANDOM) :]
+    if what in PRESETS:
+        values = dict(PRESETS[what])
+        cls = AutoConfig.for_model(values.pop("model_type")).__class__
+        config: PretrainedConfig = cls(**values)
+        return config
+    folder = Path(what).expanduser()
+    if (folder / "config.json").is_file():
+        try:
+            return AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"model.name {name!r}: unusable {folder}/config.json: {e}") from e
+    raise ModelError(
+        f"model.name {name!r}: {what!r} is neither a preset ({', '.join(PRESETS)}) nor a folder "
+        "with a config.json"
+    )
+
+
+def random_tokenizer(name: str) -> Any:
+    """A random model's tokenizer: its folder's, else SmolLM2's (offline), so the tokens are
+    real text's even where the weights are random."""
+    folder = Path(name[len(RANDOM) :]).expanduser()
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    return load_tokenizer(ModelConfig(name=SMOLLM2))
+
+
+def random_model(name: str, tokenizer: Any, dtype: torch.dtype, device: Any, seed: int) -> Any:
+    """The architecture at full size with seeded random weights, built on `device` in `dtype`
+    (a 7B model never passes through CPU memory in fp32). The vocabulary grows to the
+    tokenizer's where it is larger (SmolLM2's 49,152 tokens against LLaMA's 32,000)."""
+    from transformers import AutoModelForCausalLM
+
+    config = random_architecture(name)
+    config.vocab_size = max(int(config.vocab_size), len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def resolve(cfg: ModelConfig) -> tuple[str, Path | str]:
-    """(kind, location) where kind is 'tiny', 'folder' or 'hub'."""
+    """(kind, location) where kind is 'tiny', 'random', 'folder' or 'hub'."""
     if cfg.name == TINY:
         return "tiny", TINY
+    if cfg.name.startswith(RANDOM):
+        return "random", cfg.name
     tried: list[str] = []
     local = Path(cfg.name).expanduser()
     if local.is_dir() and (local / "config.json").is_file():
@@ -196,6 +272,8 @@ def model_config(cfg: ModelConfig) -> Any:
     kind, where = resolve(cfg)
     if kind == "tiny":
         return tiny_config()
+    if kind == "random":
+        return random_architecture(cfg.name)
     if kind == "folder":
         folder = Path(where)
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -211,30 +289,85 @@ def model_config(cfg: ModelConfig) -> Any:
         raise ModelError(f"model.name {cfg.name!r}: unusable {where}/config.json: {first}") from e
 
 
-def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
-    """(tokenizer, model) with the base weights frozen, in eval mode."""
+def quantization_config(cfg: ModelConfig, device: Any) -> Any:
+    """bitsandbytes settings for `model.quantization` (None for 'none'); refused clearly where
+    there is no CUDA device or no bitsandbytes."""
+    if cfg.quantization == "none":
+        return None
+    if device is None or torch.device(device).type != "cuda":
+        raise ModelError(
+            f"model.quantization={cfg.quantization!r} needs a CUDA GPU (bitsandbytes kernels); "
+            f"the model goes to {device or 'cpu'} here: set model.quantization='none' (or "
+            "model.device='cuda' on a GPU host)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"model.quantization={cfg.quantization!r} needs bitsandbytes: pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+def _random_folder(cfg: ModelConfig, tok: Any, seed: int) -> Path:
+    """A random model saved once (bf16) so that bitsandbytes can quantize it as it loads."""
+    key = cfg.name[len(RANDOM) :].replace("/", "_").strip("_")
+    folder = cache_dir() / "random" / f"{key}-seed{seed}"
+    if not (folder / "config.json").is_file():
+        model = random_model(cfg.name, tok, torch.bfloat16, "cuda", seed)
+
+        def fill(out: Path) -> None:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+
+        atomic_dir(folder, fill)
+    return folder
+
+
+def load_model(cfg: ModelConfig, seed: int = 0, device: Any = None) -> tuple[Any, Any]:
+    """(tokenizer, model) with the base weights frozen, in eval mode. `device`: where a
+    random or quantized model is built (others are moved there by the caller)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # fedit shows its own progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device is None and cfg.quantization != "none":
+        device = pick_device(cfg)
+    quant = quantization_config(cfg, device)
     kind, where = resolve(cfg)
     if kind == "tiny":
+        if quant is not None:
+            raise ModelError("model.quantization: the tiny test model is not quantized")
         tok = tiny_tokenizer()
         model = tiny_model(tok, seed)
+    elif kind == "random" and quant is None:
+        tok = random_tokenizer(cfg.name)
+        model = random_model(cfg.name, tok, _dtype(cfg), device, seed)
     else:
+        if kind == "random":
+            tok = random_tokenizer(cfg.name)
+            where = _random_folder(cfg, tok, seed)
         model_config(cfg)  # a folder without tokenizer or with a bad config.json: say so first
+        extra = {"quantization_config": quant, "device_map": {"": str(device)}} if quant else {}
         try:
             tok = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=_dtype(cfg))
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.bfloat16 if quant else _dtype(cfg), **extra
+            )
         except (OSError, ValueError) as e:
             raise ModelError(f"model.name {cfg.name!r}: could not load from {where}: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     # Adapter configs then record the name the user gave, not a cache folder.
     model.name_or_path = cfg.name
-    model = model.to(_dtype(cfg))
+    if quant is None:
+        model = model.to(_dtype(cfg))
     model.requires_grad_(False)
     model.eval()
     return tok, model
@@ -247,6 +380,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     kind, where = resolve(cfg)
     if kind == "tiny":
         tok = tiny_tokenizer()
+    elif kind == "random":
+        tok = random_tokenizer(cfg.name)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(where)

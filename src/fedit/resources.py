@@ -75,9 +75,18 @@ def estimate_memory(model_config: Any, cfg: Config) -> MemoryEstimate:
     per_layer = h * (heads * head_dim) * 2 + h * (kv * head_dim) * 2 + 3 * h * inter + 2 * h
     embeddings = vocab * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
-    weights = (layers * per_layer + embeddings) * dtype_bytes
+    # quantized layers: 1 or ~0.5 bytes a weight (embeddings and norms stay in bf16)
+    layer_bytes = {"none": dtype_bytes, "8bit": 1, "4bit": 0.55}[cfg.model.quantization]
+    weights = int(layers * per_layer * layer_bytes + embeddings * min(dtype_bytes, 2 if
+                  cfg.model.quantization != "none" else 4))  # fmt: skip
     micro, seq = cfg.client.micro_batch_size, cfg.data.cutoff_len
-    activations = layers * (micro * seq * (12 * h + 4 * inter) * 4 + micro * heads * seq * seq * 8)
+    one_layer = micro * seq * (12 * h + 4 * inter) * 4 + micro * heads * seq * seq * 8
+    # gradient checkpointing keeps each layer's input only, and one layer's activations
+    activations = (
+        layers * micro * seq * h * 4 + one_layer
+        if cfg.model.gradient_checkpointing
+        else layers * one_layer
+    )
     # training keeps logits, log-softmax and gradient; evaluation (no backward) two of them
     logits = max(3 * micro, 2 * cfg.eval.micro_batch_size) * seq * vocab * 4
     return MemoryEstimate(weights, activations, logits)

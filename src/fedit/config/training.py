@@ -13,8 +13,10 @@ class ModelConfig:
     name: str = opt(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         "Base model: a local HF folder, a hub id (online), "
-        "'HuggingFaceTB/SmolLM2-135M-Instruct' (offline packaged copy) or 'fedit/tiny-llama' "
-        "(random-init test model).",
+        "'HuggingFaceTB/SmolLM2-135M-Instruct' (offline packaged copy), 'fedit/tiny-llama' "
+        "(random-init test model) or 'fedit/random:<preset or HF config folder>' (a real "
+        "architecture at full size with random weights, for throughput: presets "
+        "llama-7b, llama2-7b, llama2-13b, smollm2-135m).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "Weights dtype of the frozen base model (fp32 is fastest on CPU)."
@@ -25,6 +27,14 @@ class ModelConfig:
     )
     autocast: Literal["auto", "off", "bf16"] = opt(
         "auto", "Mixed precision: 'auto' = bf16 autocast on a GPU, off on CPU (slower there)."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = opt(
+        "none",
+        "Frozen base weights in 8-bit (LLM.int8) or 4-bit NF4 with double quantization and "
+        "bf16 compute (the QLoRA recipe; LoRA stays in fp32); bitsandbytes, CUDA only.",
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute each layer's activations in backward (less memory, ~30% more compute)."
     )
     check_memory: bool = opt(
         True, "Refuse up front a run whose estimated peak memory exceeds what is available."

@@ -4,7 +4,8 @@ Each worker builds the same client runtime as the main process would (same seed:
 partition, same tokenization, same base model and LoRA init), once per run, and answers the
 task payloads it is handed. Only payloads cross the process boundary. A client may train in a
 different worker each round, so what it keeps (its personal state) is in its disk-only store
-under the run's client-state folder, which every worker reads and writes.
+under the run's client-state folder, which every worker reads and writes. With several GPUs,
+each worker trains on its own (`worker_device`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,23 @@ from fedit.protocol import Payload, Task, Update
 _RUNTIME: ClientRuntime | None = None
 
 
-def _init(config: dict[str, Any], threads: int, state_dir: str) -> None:
+def worker_device(cfg: Config, index: int, gpus: int) -> str:
+    """Where worker `index` trains: with several GPUs and model.device 'auto' or 'cuda', each
+    worker on its own (cuda:index mod gpus); otherwise model.device as it is."""
+    if gpus > 1 and cfg.model.device in ("auto", "cuda"):
+        return f"cuda:{index % gpus}"
+    return cfg.model.device
+
+
+def _init(config: dict[str, Any], threads: int, state_dir: str, counter: Any) -> None:
     global _RUNTIME
-    # A worker trains in its own process with its share of the cores.
-    cfg = variant(config_from_dict(config), model={"threads": threads})
+    with counter.get_lock():  # each worker its own index, in start order
+        index = counter.value
+        counter.value += 1
+    # A worker trains in its own process with its share of the cores (and its own GPU).
+    cfg = config_from_dict(config)
+    device = worker_device(cfg, index, torch.cuda.device_count())
+    cfg = variant(cfg, model={"threads": threads, "device": device})
     torch.set_num_threads(threads)
     partition = load_partition(cfg)
     clients = dict(enumerate(partition.clients))
@@ -64,11 +78,17 @@ class WorkerPool:
         self.tags = [common_tags(c) for c in clients]
         # A run without a folder keeps its clients' state in a folder of its own till it ends.
         self.scratch = None if state_dir else Path(tempfile.mkdtemp(prefix="fedit-clients-"))
+        context = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init,
-            initargs=(cfg.to_dict(), threads, str(state_dir or self.scratch)),
+            initargs=(
+                cfg.to_dict(),
+                threads,
+                str(state_dir or self.scratch),
+                context.Value("i", 0),
+            ),
         )
 
     def launch(self, tasks: Sequence[Task]) -> Launched:
