@@ -17,6 +17,7 @@ from fedit.cli.answers import (
     cmd_votes,
 )
 from fedit.config import ConfigError, iter_keys, load_config, to_toml
+from fedit.engines.flower.supernode import cli as supernode_cli
 from fedit.errors import FeditError
 
 
@@ -198,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     fed.add_argument(
         "--secure", action="store_true", help="TLS (test CA) and SuperNode authentication"
     )
+    fed.add_argument("--plain-supernodes", action="store_true",
+                     help="Flower's stock flower-supernode (a ClientApp process per message) "
+                     "instead of fedit supernode")  # fmt: skip
+    node = sub.add_parser(
+        "supernode", help="Flower's SuperNode with a cheap round (flower-supernode's arguments)"
+    )
+    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments")
 
     fapp = sub.add_parser(
         "flower-app", help="write the Flower app folder for a multi-host deployment"
@@ -311,7 +319,8 @@ def _cmd_federate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-flower")
     try:
-        summary = federate(cfg, out, args.nodes, secure=args.secure)
+        summary = federate(cfg, out, args.nodes, secure=args.secure,
+                           plain_nodes=args.plain_supernodes)  # fmt: skip
     except KeyboardInterrupt:
         return _interrupted(
             f"\ninterrupted; every Flower process was stopped. Completed rounds are in "
@@ -384,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "partition": _cmd_partition,
+        "supernode": supernode_cli,
         "config": _cmd_config,
         "compare": _cmd_compare,
         "eval": cmd_eval,

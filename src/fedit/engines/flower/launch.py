@@ -33,6 +33,7 @@ class FederateError(FeditError, RuntimeError):
 
 
 FEDERATION = "fedit-local"
+SUPERNODE = "fedit.engines.flower.supernode"
 
 
 def _bin(name: str) -> str:
@@ -214,9 +215,12 @@ def supernode_cmd(
     node_config: str,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    plain: bool = False,
 ) -> list[str]:
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", node_config, "--max-retries", "3"]  # fmt: skip
+    # fedit's SuperNode: Flower's, with its ClientApps run in one long-lived process
+    head = [_bin("flower-supernode")] if plain else [sys.executable, "-m", SUPERNODE]
+    cmd = [*head, "--superlink", superlink, "--port", str(port), "--node-config", node_config,
+           "--max-retries", "3"]  # fmt: skip
     if root_certificates:
         cmd += ["--root-certificates", str(root_certificates)]
     else:
@@ -249,12 +253,18 @@ def spread_clients(num_clients: int, nodes: int) -> list[list[int]]:
 
 
 def federate(
-    cfg: Config, out: Path, nodes: int | None = None, secure: bool = False, echo: Any = None
+    cfg: Config,
+    out: Path,
+    nodes: int | None = None,
+    secure: bool = False,
+    echo: Any = None,
+    plain_nodes: bool = False,
 ) -> dict[str, Any]:
     """Run the config through real Flower processes on loopback; returns the run summary.
 
     secure: TLS with a fresh test CA and SuperNode authentication, every node's key
-    registered with the SuperLink before it starts."""
+    registered with the SuperLink before it starts. plain_nodes: Flower's stock
+    `flower-supernode` (a ClientApp process per message) instead of `fedit supernode`."""
     want = cfg.partition.num_clients
     nodes = want if nodes is None else nodes
     if not 1 <= nodes <= want:
@@ -294,7 +304,7 @@ def federate(
                 register_node(pki[f"node-{i}.pub"], env)
             cmd = supernode_cmd(
                 f"127.0.0.1:{port}", free_port(), cfg_text,
-                pki["ca"] if pki else None, pki[f"node-{i}"] if pki else None,
+                pki["ca"] if pki else None, pki[f"node-{i}"] if pki else None, plain_nodes,
             )  # fmt: skip
             procs.start(f"supernode-{i}", cmd, env)
         procs.record(flower / "pids.json")

@@ -33,6 +33,9 @@ from typing import Any
 from fedit.files import atomic_bytes
 
 SPAWN_TIMEOUT = 600.0
+# The process whose end ends the worker: the SuperNode's SuperExec (the parent of each
+# flwr-clientapp process), or the SuperNode itself where its ClientApps run in it.
+WATCH_PID: int | None = None
 
 
 def state_root(node_config: dict[str, Any]) -> Path:
@@ -102,7 +105,7 @@ def connect(
         atomic_bytes(key_file, key, private=True)
         log = sock.with_suffix(".log")
         # The SuperNode's SuperExec outlives each flwr-clientapp: the worker watches it.
-        watch = os.getppid()
+        watch = WATCH_PID or os.getppid()
         cmd = [sys.executable, "-m", "fedit.engines.flower.node", "--socket", str(sock),
                "--watch-pid", str(watch), "--idle-timeout", str(idle_timeout)]  # fmt: skip
         with open(log, "ab") as out:

@@ -1,0 +1,169 @@
+"""`fedit supernode`: Flower's own SuperNode with a cheap round.
+
+Run as `flower-supernode` is (the same arguments), it changes two things on the critical path
+of every message, both measured in docs/benchmarks.md:
+
+- **No process per message.** Flower 1.41's SuperNode starts a SuperExec that polls every
+  second for work and starts a fresh `flwr-clientapp` process per message (about 1 s of
+  Python imports each). Here the SuperNode runs in process isolation (`--isolation process`)
+  and a long-running executor thread in the same process takes each message's task from the
+  node's Runtime API, runs the ClientApp loaded once (per app) and pushes its reply: the
+  steps of Flower's `flwr-clientapp` without its process start and exit.
+- **Short waits.** The SuperNode waits 3 s after every empty pull from the SuperLink and polls
+  for the ClientApp's reply every 0.5 s (fixed in Flower's code); here each wait is capped at
+  `FEDIT_NODE_POLL_INTERVAL` seconds (default 0.1), so a node answers the next round's message
+  within that instead of seconds later.
+
+The ClientApp is still Flower's (fedit's shim, whose node worker holds the model), the
+messages still go SuperLink -> SuperNode -> ClientApp and back, and a node started with plain
+`flower-supernode` still works with the same server (only slower).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import types
+from collections.abc import Sequence
+from logging import ERROR
+from typing import Any
+
+POLL_ENV = "FEDIT_NODE_POLL_INTERVAL"
+DEFAULT_POLL = 0.1
+
+
+def _short_waits(cap: float) -> None:
+    """The SuperNode's loop sleeps through the module's `time`: cap every sleep there."""
+    from flwr.supernode import start_client_internal as sci
+
+    capped = types.ModuleType("time")
+    capped.__dict__.update(time.__dict__)
+    capped.__dict__["sleep"] = lambda seconds: time.sleep(min(float(seconds), cap))
+    sci.__dict__["time"] = capped
+
+
+def _runtime_address(argv: Sequence[str]) -> str:
+    """host:port of the SuperNode's Runtime API, as flower-supernode parses them."""
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    args = _parse_args_run_supernode().parse_args(list(argv))
+    return f"{args.host}:{args.port}"
+
+
+def run_task(address: str, token: str, apps: dict[str, Any]) -> None:
+    """One message's task, as `flwr-clientapp --token` runs it, in this process."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore import log
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )  # fmt: skip
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        if fab.hash_str not in apps:  # install and import the app once, keep it loaded
+            install_from_fab(fab.content, skip_prompt=True)
+            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
+        reply = apps[fab.hash_str](message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # the reply carries the error, as flwr-clientapp's does
+        log(ERROR, "ClientApp raised an exception", exc_info=ex)
+        details = f"{type(ex)}:<'{ex}'>"
+        if message is not None:
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reply = Message(Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            push_task_output(client, context, status, details)
+            heartbeat.stop()
+            client.close()
+
+
+def executor(address: str, poll: float, stop: threading.Event) -> None:
+    """Take the node's ClientApp tasks one after another until `stop` (the SuperNode runs one
+    message at a time)."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore import log
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from fedit.engines.flower import node
+
+    node.WATCH_PID = os.getpid()  # the node worker outlives tasks, not this SuperNode
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )  # fmt: skip
+    apps: dict[str, Any] = {}
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    while not stop.is_set():
+        try:
+            res = client.AcquireTask(request)
+        except Exception as ex:  # the Runtime API not up yet, or going down
+            log(ERROR, "fedit executor: AcquireTask failed: %s", ex)
+            time.sleep(1.0)
+            continue
+        if res.HasField("task") and res.token:
+            run_task(address, res.token, apps)
+        else:
+            time.sleep(poll)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--isolation" or a.startswith("--isolation=") for a in argv):
+        raise SystemExit("fedit supernode: runs its own ClientApp executor; drop --isolation")
+    argv += ["--isolation", "process"]
+    poll = float(os.environ.get(POLL_ENV, DEFAULT_POLL))
+    address = _runtime_address(argv)
+    _short_waits(poll)
+    stop = threading.Event()
+    threading.Thread(target=executor, args=(address, poll, stop), daemon=True).start()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    try:
+        flower_supernode()
+    finally:
+        stop.set()
+
+
+def cli(args: Any) -> int:
+    """`fedit supernode ARGS...`."""
+    main(args.args)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
