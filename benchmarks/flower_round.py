@@ -82,7 +82,8 @@ def main() -> int:
         print(f"| {way} | {r['first']:.2f} s | {r['later']:.2f} s | "
               f"{'-' if way == 'in-process' else f'{extra:+.2f} s'} | "
               f"{r['later'] / base['later']:.2f}x | "
-              f"{'-' if way == 'in-process' else int(r['model_loads'])} | {r['wall']:.1f} s |")  # fmt: skip
+              f"{'-' if way == 'in-process' else int(r['model_loads'])} | "
+              f"{r['wall']:.1f} s |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "nodes": args.nodes,
                                          "same_adapter": same, **results}, indent=2))  # fmt: skip
