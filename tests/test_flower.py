@@ -327,3 +327,43 @@ def test_tls_auth_deployment_as_documented(tmp_path: Path) -> None:
     assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text(errors="replace")
     link_log = (tmp_path / "superlink.log").read_text(errors="replace")
     assert "No SuperNode found with the given public key" in link_log  # refused: unregistered
+
+
+def test_node_config_names_the_clients_a_node_holds(tmp_path: Path) -> None:
+    """No Flower processes: how a node reads its clients, how federate spreads them."""
+    from fedit.engines.flower.app import _ranges
+    from fedit.engines.flower.launch import spread_clients
+    from fedit.engines.flower.node import _own_files, node_clients
+
+    assert node_clients({"partition-id": 3}, 10) == [3]
+    assert node_clients({"partition-ids": "0-2,7"}, 10) == [0, 1, 2, 7]
+    assert node_clients({"partition-ids": 5}, 10) == [5]
+    assert node_clients({"data-path": "x.jsonl"}, 10) is None
+    with pytest.raises(RuntimeError, match="not clients: \\[10\\]"):
+        node_clients({"partition-ids": "8-10"}, 10)
+    with pytest.raises(RuntimeError, match="not a list of client ids"):
+        node_clients({"partition-ids": "a-b"}, 10)
+    with pytest.raises(RuntimeError, match="distinct"):
+        node_clients({"partition-ids": "1,1"}, 10)
+    assert spread_clients(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert spread_clients(4, 4) == [[0], [1], [2], [3]]
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    # A folder of client files, as `fedit partition` writes them: ids from the names, own
+    # held-out records from client_NNNN.own.jsonl.
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    rows = make_rows(3)[:12]
+    write_jsonl(folder / "client_0003.jsonl", rows[:6])
+    write_jsonl(folder / "client_0007.jsonl", rows[6:10])
+    write_jsonl(folder / "client_0007.own.jsonl", rows[10:])
+    _, cfg = _config(tmp_path)
+    data, own = _own_files(cfg, {"data-dir": str(folder)})
+    assert {c: len(r) for c, r in data.items()} == {3: 6, 7: 4}
+    assert {c: len(r) for c, r in own.items()} == {7: 2}
+    with pytest.raises(RuntimeError, match="no client_NNNN.jsonl"):
+        _own_files(cfg, {"data-dir": str(tmp_path / "empty")})
+
+
+def test_federate_refuses_more_nodes_than_clients(tmp_path: Path) -> None:
+    path, _ = _config(tmp_path, partition={"num_clients": 2})
+    assert main(["federate", str(path), "--nodes", "3", "--out", str(tmp_path / "o")]) == 2
