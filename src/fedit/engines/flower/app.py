@@ -16,6 +16,7 @@ config as JSON) and `out-dir` (run folder on the server host).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -327,9 +328,11 @@ def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     from fedit.config import config_from_dict
+    from fedit.engines.flower.supernode import DEFAULT_POLL, POLL_ENV, fast_pulls
     from fedit.progress import Progress
     from fedit.recipe import run_federation
 
+    fast_pulls(float(os.environ.get(POLL_ENV, DEFAULT_POLL)))  # replies: no 1 s first retry
     config_json = str(context.run_config["fedit-config"])
     cfg = config_from_dict(json.loads(config_json))
     out = Path(str(context.run_config["out-dir"]))

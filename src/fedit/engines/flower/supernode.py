@@ -12,7 +12,8 @@ of every message, both measured in docs/benchmarks.md:
 - **Short waits.** The SuperNode waits 3 s after every empty pull from the SuperLink and polls
   for the ClientApp's reply every 0.5 s (fixed in Flower's code); here each wait is capped at
   `FEDIT_NODE_POLL_INTERVAL` seconds (default 0.1), so a node answers the next round's message
-  within that instead of seconds later.
+  within that instead of seconds later; Flower's retries for a message's objects that have not
+  arrived yet start at that wait too, not at 1 s (also in fedit's ServerApp).
 
 The ClientApp is still Flower's (fedit's shim, whose node worker holds the model), the
 messages still go SuperLink -> SuperNode -> ClientApp and back, and a node started with plain
@@ -42,6 +43,28 @@ def _short_waits(cap: float) -> None:
     capped.__dict__.update(time.__dict__)
     capped.__dict__["sleep"] = lambda seconds: time.sleep(min(float(seconds), cap))
     sci.__dict__["time"] = capped
+
+
+def fast_pulls(first_retry: float) -> None:
+    """Flower pulls a message's objects with retries whose first wait is 1 s when an object
+    is not there yet (the SuperNode, or the SuperLink, still receiving it): start them at
+    `first_retry` instead (the cap on later retries stays Flower's)."""
+    import inspect
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        names = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY
+        ]
+        if fn.__defaults__ and "initial_backoff" in names:
+            defaults = list(fn.__defaults__)
+            defaults[names.index("initial_backoff")] = first_retry
+            fn.__defaults__ = tuple(defaults)
+        if fn.__kwdefaults__ and "initial_backoff" in fn.__kwdefaults__:
+            fn.__kwdefaults__["initial_backoff"] = first_retry
 
 
 def _runtime_address(argv: Sequence[str]) -> str:
@@ -148,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     poll = float(os.environ.get(POLL_ENV, DEFAULT_POLL))
     address = _runtime_address(argv)
     _short_waits(poll)
+    fast_pulls(poll)
     stop = threading.Event()
     threading.Thread(target=executor, args=(address, poll, stop), daemon=True).start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
