@@ -226,10 +226,9 @@ def random_model(name: str, tokenizer: Any, dtype: torch.dtype, device: Any, see
     config.vocab_size = max(int(config.vocab_size), len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+    gpus = list(range(torch.cuda.device_count()))  # seeded there too, restored after
+    with torch.random.fork_rng(devices=gpus), torch.device(device or "cpu"):
         torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

@@ -76,9 +76,9 @@ def estimate_memory(model_config: Any, cfg: Config) -> MemoryEstimate:
     embeddings = vocab * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
     # quantized layers: 1 or ~0.5 bytes a weight (embeddings and norms stay in bf16)
+    quantized = cfg.model.quantization != "none"
     layer_bytes = {"none": dtype_bytes, "8bit": 1, "4bit": 0.55}[cfg.model.quantization]
-    weights = int(layers * per_layer * layer_bytes + embeddings * min(dtype_bytes, 2 if
-                  cfg.model.quantization != "none" else 4))  # fmt: skip
+    weights = int(layers * per_layer * layer_bytes + embeddings * (2 if quantized else dtype_bytes))
     micro, seq = cfg.client.micro_batch_size, cfg.data.cutoff_len
     one_layer = micro * seq * (12 * h + 4 * inter) * 4 + micro * heads * seq * seq * 8
     # gradient checkpointing keeps each layer's input only, and one layer's activations
