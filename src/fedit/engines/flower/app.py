@@ -39,27 +39,59 @@ client_app = ClientApp(mods=[secagg.secure_mod])
 server_app = ServerApp()
 
 
-# Task keys the shim uses itself; the rest of the task record is the payload's scalars.
-SHIM_KEYS = ("config", "worker_idle_timeout", "kind")
+# Task keys the shim uses itself; the rest of a task record is the payload's scalars.
+SHIM_KEYS = ("config", "worker_idle_timeout", "kind", "clients")
+# A payload's array group travels as one Array (its arrays in one safetensors blob), with the
+# arrays' order in a 'layout' record: Flower moves every Array as objects of its own with a
+# request each per hop, so an adapter of 120 tensors would cost hundreds of requests a message.
+PACKED = "safetensors"
+
+
+def _records(payload: Payload, prefix: str = "", task: dict[str, Any] | None = None) -> dict:
+    """A payload as Flower records under `prefix`: one ArrayRecord per array group (one
+    packed Array), the order of its arrays in 'layout', the scalars in 'task'."""
+    from safetensors.numpy import save
+
+    records: dict[str, Any] = {}
+    for group, arrays in payload.arrays.items():
+        blob = save({k: np.ascontiguousarray(a) for k, a in arrays.items()})
+        records[prefix + group] = ArrayRecord({PACKED: Array(np.frombuffer(blob, np.uint8))})
+    records[prefix + "layout"] = ConfigRecord({g: list(a) for g, a in payload.arrays.items()})
+    records[prefix + "task"] = ConfigRecord({**payload.values, **(task or {})})
+    return records
 
 
 def _content(payload: Payload, task: dict[str, Any] | None = None) -> RecordDict:
-    """A payload as Flower records: one ArrayRecord per array group, the scalars in 'task'."""
-    records: dict[str, Any] = {
-        group: ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
-        for group, arrays in payload.arrays.items()
-    }
-    records["task"] = ConfigRecord({**payload.values, **(task or {})})
+    return RecordDict(_records(payload, "", task))
+
+
+def _payload(content: Any, prefix: str = "") -> Payload:
+    from safetensors.numpy import load
+
+    arrays = {}
+    for group, keys in content[prefix + "layout"].items():
+        got = load(content[prefix + group][PACKED].numpy().tobytes())
+        arrays[group] = {k: got[k] for k in keys}
+    values = {k: v for k, v in content[prefix + "task"].items() if k not in SHIM_KEYS}
+    return Payload(arrays, values)
+
+
+def _bundle(items: Sequence[Payload | str], task: dict[str, Any]) -> RecordDict:
+    """Several clients' payloads in one message (item i under "i/"); a str item is the reason
+    that client has none (its training failed on the node)."""
+    records: dict[str, Any] = {"task": ConfigRecord({**task, "clients": len(items)})}
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            records[f"{i}/error"] = ConfigRecord({"reason": item})
+        else:
+            records.update(_records(item, f"{i}/"))
     return RecordDict(records)
 
 
-def _payload(content: Any) -> Payload:
-    arrays = {
-        group: {k: v.numpy() for k, v in rec.items()}
-        for group, rec in content.array_records.items()
-    }
-    values = {k: v for k, v in content["task"].items() if k not in SHIM_KEYS}
-    return Payload(arrays, values)
+def _unbundle(content: Any) -> list[Payload | str]:
+    n = int(content["task"]["clients"])
+    return [str(content[f"{i}/error"]["reason"]) if f"{i}/error" in content else
+            _payload(content, f"{i}/") for i in range(n)]  # fmt: skip
 
 
 # ---------------------------------------------------------------- ClientApp (the shim)
@@ -86,19 +118,24 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    secure = secagg.is_fitins(msg.content)  # the 'collect' stage of a secure round
-    if secure:
+    """A round's tasks for the clients of this node: trained one after another by its worker
+    (a training error is that client's, reported in the reply; the others still train)."""
+    if secagg.is_fitins(msg.content):  # the 'collect' stage of a secure round: one client
         task: Any = msg.content.config_records["fitins.config"]
-        payload = secagg.payload_of_fitins(msg.content, SHIM_KEYS)
-    else:
-        task = msg.content["task"]
-        payload = _payload(msg.content)
-    request = {"config": task["config"], "node_config": dict(context.node_config),
-               "payload": payload}  # fmt: skip
-    reply = node.call(_worker(context, msg, task), "train", request)
-    if secure:
+        request = {"config": task["config"], "node_config": dict(context.node_config),
+                   "payload": secagg.payload_of_fitins(msg.content, SHIM_KEYS)}  # fmt: skip
+        reply = node.call(_worker(context, msg, task), "train", request)
         return Message(secagg.fitres_content(reply, str(task[secagg.WEIGHT])), reply_to=msg)
-    return Message(_content(reply), reply_to=msg)
+    task = msg.content["task"]
+    replies: list[Payload | str] = []
+    for payload in _unbundle(msg.content):
+        request = {"config": task["config"], "node_config": dict(context.node_config),
+                   "payload": payload}  # fmt: skip
+        try:
+            replies.append(node.call(_worker(context, msg, task), "train", request))
+        except RuntimeError as e:  # the worker's error for this client
+            replies.append(str(e))
+    return Message(_bundle(replies, {}), reply_to=msg)
 
 
 # ---------------------------------------------------------------- ServerApp
@@ -164,7 +201,7 @@ class FlowerClients:
                 else:
                     replies[index[mid]] = reply
             if pending:
-                time.sleep(0.05)
+                time.sleep(0.02)
         for mid in pending:
             missing[index[mid]] = f"no reply within flower.round_timeout={timeout:g}s"
         return replies, missing
@@ -234,25 +271,36 @@ class FlowerClients:
         return [sizes[c] for c in range(want)]
 
     def launch(self, tasks: Sequence[Task]) -> list[tuple[int, Callable[[], Update]]]:
-        """One message per task; a node holding several of the round's clients trains them
-        one after another on its one model."""
+        """One message per node, carrying the tasks of all its clients in the round: the node
+        trains them one after another on its one model."""
         online = set(self.grid.get_node_ids())
-        messages, sent, reasons = [], [], {}
+        by_node: dict[int, list[Task]] = {}
+        reasons: dict[int, str] = {}
         rnd = tasks[0].round if tasks else 0
         for t in tasks:
             n = self.node_of[t.client]
-            if n not in online:
+            if n in online:
+                by_node.setdefault(n, []).append(t)
+            else:
                 reasons[t.client] = f"node {n} is not connected"
-                continue
-            content = _content(t.to_payload(), dict(self._task()))
-            messages.append(
-                Message(content, dst_node_id=n, message_type="train", group_id=str(t.round))
-            )
-            sent.append(t.client)
+        nodes = list(by_node)
+        messages = [
+            Message(_bundle([t.to_payload() for t in by_node[n]], dict(self._task())),
+                    dst_node_id=n, message_type="train", group_id=str(rnd))
+            for n in nodes
+        ]  # fmt: skip
         replies, missing = self._exchange(messages, self.cfg.flower.round_timeout)
-        got = {sent[i]: reply for i, reply in replies.items()}
-        for i, why in missing.items():
-            reasons[sent[i]] = why
+        got: dict[int, Payload] = {}
+        for i, n in enumerate(nodes):
+            clients = [t.client for t in by_node[n]]
+            if i in missing:
+                reasons.update({c: missing[i] for c in clients})
+                continue
+            for c, item in zip(clients, _unbundle(replies[i].content), strict=True):
+                if isinstance(item, str):
+                    reasons[c] = f"node error: {item}"
+                else:
+                    got[c] = item
         for c, why in reasons.items():
             self.lost.append({"round": rnd, "client": c, "node": self.node_of[c], "reason": why})
 
@@ -260,7 +308,7 @@ class FlowerClients:
             def get() -> Update:
                 if c in reasons:
                     raise RuntimeError(reasons[c])
-                return Update.from_payload(_payload(got[c].content))
+                return Update.from_payload(got[c])
 
             return get
 
@@ -328,11 +376,11 @@ def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     from fedit.config import config_from_dict
-    from fedit.engines.flower.supernode import DEFAULT_POLL, POLL_ENV, fast_pulls
+    from fedit.engines.flower.supernode import DEFAULT_POLL, POLL_ENV, fast_pulls, local_wait
     from fedit.progress import Progress
     from fedit.recipe import run_federation
 
-    fast_pulls(float(os.environ.get(POLL_ENV, DEFAULT_POLL)))  # replies: no 1 s first retry
+    fast_pulls(local_wait(float(os.environ.get(POLL_ENV, DEFAULT_POLL))))  # no 1 s first retry
     config_json = str(context.run_config["fedit-config"])
     cfg = config_from_dict(json.loads(config_json))
     out = Path(str(context.run_config["out-dir"]))

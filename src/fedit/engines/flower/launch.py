@@ -240,6 +240,14 @@ def register_node(public_key: Path, env: dict[str, str]) -> None:
         raise FederateError(f"registering {public_key} failed: {proc.stdout}{proc.stderr}")
 
 
+def host_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def spread_clients(num_clients: int, nodes: int) -> list[list[int]]:
     """Clients 0..num_clients-1 over `nodes` nodes in contiguous blocks, sizes differing by
     at most one (10 over 3: 0-3, 4-6, 7-9)."""
@@ -288,6 +296,9 @@ def federate(
     pki = make_pki(flower / "pki", nodes) if secure else None
     write_federation(home, f"127.0.0.1:{port}", pki["ca"] if pki else None)
     procs = Processes(flower / "logs")
+    # The nodes share this host's cores (each its own share, as `federation.workers` do):
+    # two processes with all cores' threads each run many times slower than one.
+    threads = max(1, (cfg.model.threads or host_cores()) // nodes)
     started = time.time()
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -299,7 +310,8 @@ def federate(
             # Each node keeps its clients' state (error feedback) in a folder of its own.
             state = flower / "nodes" / f"node-{i}"
             ids = f"{held[0]}-{held[-1]}" if len(held) > 1 else str(held[0])
-            cfg_text = f'partition-ids="{ids}" num-partitions={want} state-dir="{state}"'
+            cfg_text = (f'partition-ids="{ids}" num-partitions={want} state-dir="{state}" '
+                        f"threads={threads}")  # fmt: skip
             if pki:
                 register_node(pki[f"node-{i}.pub"], env)
             cmd = supernode_cmd(

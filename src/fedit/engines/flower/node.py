@@ -238,8 +238,10 @@ class NodeState:
                 )
             data = {c: partition.clients[c] for c in ids}
             own = {c: r for c, r in partition.client_tests.items() if c in data}
-        if cfg.model.threads:
-            torch.set_num_threads(cfg.model.threads)
+        # node config `threads`: this node's share of a host that runs several nodes
+        threads = int(node_config.get("threads", 0)) or cfg.model.threads
+        if threads:
+            torch.set_num_threads(threads)
         lm = load_lora_model(cfg)
         check_client_data(data, lm.tokenizer, cfg)  # at hello: before round 1
         self.runtime = ClientRuntime(cfg, lm, data, own=own)
