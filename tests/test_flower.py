@@ -364,6 +364,75 @@ def test_node_config_names_the_clients_a_node_holds(tmp_path: Path) -> None:
         _own_files(cfg, {"data-dir": str(tmp_path / "empty")})
 
 
+def test_a_round_message_carries_a_nodes_clients_packed() -> None:
+    """No Flower processes: one message holds all of a node's clients of a round, each array
+    group packed in one Array (Flower moves each Array as objects with a request each), and
+    the arrays come back with their names, order, dtypes and values; a client whose training
+    failed comes back as its reason."""
+    import numpy as np
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedit.engines.flower.app import _bundle, _unbundle
+    from fedit.engines.flower.node import thread_share
+    from fedit.protocol import Payload
+
+    rng = np.random.default_rng(0)
+    adapter = {f"layer.{i}.{m}": rng.standard_normal((8, 16)).astype(np.float32)
+               for i in reversed(range(30)) for m in ("B", "A")}  # fmt: skip
+    wire = {"q": rng.integers(-127, 127, 50).astype(np.int8), "s": np.float16([0.5]),
+            "mask": np.array([True, False])}  # fmt: skip
+    one = Payload({"adapter": adapter, "wire": wire, "none": {}}, {"client": 3, "round": 2})
+    two = Payload({"adapter": {"x": np.arange(6.0).reshape(2, 3)}}, {"client": 5, "lr": 1e-3})
+    content = _bundle([one, "DataError: client 4: no data", two], {"config": "{}"})
+    assert len(get_all_nested_objects(content)) < 25  # its 63 arrays unpacked: over 120
+    back = _unbundle(content)
+    assert back[1] == "DataError: client 4: no data"
+    for got, want in ((back[0], one), (back[2], two)):
+        assert isinstance(got, Payload)
+        assert got.values == want.values  # the shim's own keys stay out
+        assert list(got.arrays) == list(want.arrays)
+        for group, arrays in want.arrays.items():
+            assert list(got.arrays[group]) == list(arrays)
+            for k, a in arrays.items():
+                assert got.arrays[group][k].dtype == a.dtype
+                np.testing.assert_array_equal(got.arrays[group][k], a)
+    # Nodes on one host share its cores among those training in the round.
+    assert thread_share({"shared-cores": 8}, 3) == 2
+    assert thread_share({"shared-cores": 8}, 1) == 8
+    assert thread_share({"shared-cores": 2}, 5) == 1
+    assert thread_share({"partition-id": 0}, 2) is None  # a node on a host of its own
+
+
+def test_a_fedit_node_waits_on_events_and_polls_less_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No Flower processes: the waits `fedit supernode` puts in Flower's SuperNode loop."""
+    import types
+
+    from fedit.engines.flower import supernode as sn
+
+    slept: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(sn, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                          sleep=slept.append))  # fmt: skip
+    waits = sn.Waits(0.1)
+    waits.sleep(3)  # Flower's wait after an empty pull; the node has just answered
+    assert slept[-1] == 0.1
+    clock[0] += 10
+    waits.sleep(3)  # idle 10 s: a twentieth of it
+    assert slept[-1] == pytest.approx(0.5)
+    clock[0] += 100
+    waits.sleep(3)
+    assert slept[-1] == sn.IDLE_POLL_MAX
+    assert waits.pulled(None) is None and not waits.task_ready.is_set()
+    assert waits.pulled(7) == 7 and waits.task_ready.is_set()  # wakes the executor
+    waits.sleep(3)  # a message came: back to the short poll
+    assert slept[-1] == 0.1
+    waits.reply_ready.set()  # the executor pushed the reply: the reply wait ends at once
+    waits.sleep(0.5)
+    assert not waits.reply_ready.is_set() and len(slept) == 4
+
+
 def test_federate_refuses_more_nodes_than_clients(tmp_path: Path) -> None:
     path, _ = _config(tmp_path, partition={"num_clients": 2})
     assert main(["federate", str(path), "--nodes", "3", "--out", str(tmp_path / "o")]) == 2

@@ -296,9 +296,7 @@ def federate(
     pki = make_pki(flower / "pki", nodes) if secure else None
     write_federation(home, f"127.0.0.1:{port}", pki["ca"] if pki else None)
     procs = Processes(flower / "logs")
-    # The nodes share this host's cores (each its own share, as `federation.workers` do):
-    # two processes with all cores' threads each run many times slower than one.
-    threads = max(1, (cfg.model.threads or host_cores()) // nodes)
+    cores = cfg.model.threads or host_cores()  # shared by the nodes training in a round
     started = time.time()
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -311,7 +309,7 @@ def federate(
             state = flower / "nodes" / f"node-{i}"
             ids = f"{held[0]}-{held[-1]}" if len(held) > 1 else str(held[0])
             cfg_text = (f'partition-ids="{ids}" num-partitions={want} state-dir="{state}" '
-                        f"threads={threads}")  # fmt: skip
+                        f"shared-cores={cores}")  # fmt: skip
             if pki:
                 register_node(pki[f"node-{i}.pub"], env)
             cmd = supernode_cmd(

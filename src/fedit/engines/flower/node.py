@@ -200,6 +200,16 @@ def _own_files(cfg: Any, node_config: dict[str, Any]) -> tuple[dict[int, Any], d
     return data, own
 
 
+def thread_share(node_config: dict[str, Any], training_nodes: int) -> int | None:
+    """Torch threads for a round's training on a node whose host runs several of the
+    federation's nodes (node config `shared-cores`, as `fedit federate` sets): its share of
+    those cores among the round's `training_nodes` (nodes that each take all cores train
+    many times slower than one; one node training alone takes them all)."""
+    if "shared-cores" not in node_config:
+        return None
+    return max(1, int(node_config["shared-cores"]) // max(1, training_nodes))
+
+
 class NodeState:
     """What the worker keeps for the run: one client runtime (the base model, loaded once)
     for every client this node holds."""
@@ -238,7 +248,6 @@ class NodeState:
                 )
             data = {c: partition.clients[c] for c in ids}
             own = {c: r for c, r in partition.client_tests.items() if c in data}
-        # node config `threads`: this node's share of a host that runs several nodes
         threads = int(node_config.get("threads", 0)) or cfg.model.threads
         if threads:
             torch.set_num_threads(threads)
@@ -261,6 +270,11 @@ class NodeState:
 
     def train(self, p: dict[str, Any]) -> Any:
         self.setup(p["config"], p["node_config"])
+        threads = thread_share(p["node_config"], int(p.get("training_nodes", 1)))
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         payload = p["payload"]
         client = int(payload.values["client"])
         if client not in self.clients:

@@ -10,10 +10,12 @@ of every message, both measured in docs/benchmarks.md:
   node's Runtime API, runs the ClientApp loaded once (per app) and pushes its reply: the
   steps of Flower's `flwr-clientapp` without its process start and exit.
 - **Short waits.** The SuperNode waits 3 s after every empty pull from the SuperLink and polls
-  for the ClientApp's reply every 0.5 s (fixed in Flower's code); here each wait is capped at
-  `FEDIT_NODE_POLL_INTERVAL` seconds (default 0.1), so a node answers the next round's message
-  within that instead of seconds later; Flower's retries for a message's objects that have not
-  arrived yet start at that wait too, not at 1 s (also in fedit's ServerApp).
+  for the ClientApp's reply every 0.5 s (fixed in Flower's code). Here the executor and the
+  SuperNode wake each other on events (a message stored, a reply pushed); toward the SuperLink
+  a node asks again after `FEDIT_NODE_POLL_INTERVAL` seconds (default 0.1) when it has just
+  answered, after a twentieth of its idle time (at most 1 s) when idle longer; Flower's
+  retries for a message's objects that have not arrived yet start at a fifth of the poll, not
+  at 1 s (also in fedit's ServerApp).
 
 The ClientApp is still Flower's (fedit's shim, whose node worker holds the model), the
 messages still go SuperLink -> SuperNode -> ClientApp and back, and a node started with plain
@@ -35,25 +37,58 @@ POLL_ENV = "FEDIT_NODE_POLL_INTERVAL"
 DEFAULT_POLL = 0.1
 
 
+IDLE_POLL_MAX = 1.0  # the longest wait between pulls of a node idle for a long time
+
+
 def local_wait(poll: float) -> float:
-    """The wait between looks at this node's own state (cheap, no network): a fifth of the
-    poll of the SuperLink."""
+    """The first retry for a message's objects not there yet: a fifth of the poll."""
     return poll / 5
 
 
-def _short_waits(cap: float) -> None:
-    """The SuperNode's loop sleeps through the module's `time`: cap every sleep there. Its
-    waits of a second or more are for the SuperLink (after an empty pull): at most `cap`;
-    its shorter ones look at the node's own state (the ClientApp's reply): `local_wait`."""
-    from flwr.supernode import start_client_internal as sci
+class Waits:
+    """The SuperNode's waits, on events where the executor thread in this process can say
+    when to stop waiting, and short where only the SuperLink knows:
 
-    def sleep(seconds: float) -> None:
-        time.sleep(min(float(seconds), cap if seconds >= 1 else local_wait(cap)))
+    - after an empty pull from the SuperLink (Flower: 3 s): a twentieth of the time the node
+      has been idle, between `poll` and IDLE_POLL_MAX (a node that just answered asks again
+      within `poll`; one idle for a minute asks about once a second, so polls cost little CPU
+      and add about 2.5% of the idle time to when it sees the next round's message);
+    - for the ClientApp's reply (Flower: polls every 0.5 s): until the executor has pushed it;
+    - the executor, for the next task: until the SuperNode has stored a message.
+    """
 
-    capped = types.ModuleType("time")
-    capped.__dict__.update(time.__dict__)
-    capped.__dict__["sleep"] = sleep
-    sci.__dict__["time"] = capped
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+        self.idle_since: float | None = None
+        self.task_ready = threading.Event()
+        self.reply_ready = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= 1:  # after an empty pull from the SuperLink
+            now = time.monotonic()
+            self.idle_since = self.idle_since or now
+            time.sleep(min(IDLE_POLL_MAX, max(self.poll, (now - self.idle_since) / 20)))
+        else:  # the reply (or its objects) not in the node's store yet
+            self.reply_ready.wait(min(float(seconds), 0.5))
+            self.reply_ready.clear()
+
+    def pulled(self, run_id: int | None) -> int | None:
+        if run_id is not None:  # a message is in: a task for the executor
+            self.idle_since = None
+            self.task_ready.set()
+        return run_id
+
+    def install(self) -> None:
+        """Into Flower's SuperNode loop: its sleeps go through the module's `time`, and it
+        pulls each message through `_pull_and_store_message`."""
+        from flwr.supernode import start_client_internal as sci
+
+        module = types.ModuleType("time")
+        module.__dict__.update(time.__dict__)
+        module.__dict__["sleep"] = self.sleep
+        sci.__dict__["time"] = module
+        pull = sci._pull_and_store_message
+        sci.__dict__["_pull_and_store_message"] = lambda *a, **kw: self.pulled(pull(*a, **kw))
 
 
 def fast_pulls(first_retry: float) -> None:
@@ -141,7 +176,7 @@ def run_task(address: str, token: str, apps: dict[str, Any]) -> None:
             client.close()
 
 
-def executor(address: str, poll: float, stop: threading.Event) -> None:
+def executor(address: str, waits: Waits, stop: threading.Event) -> None:
     """Take the node's ClientApp tasks one after another until `stop` (the SuperNode runs one
     message at a time)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -162,6 +197,7 @@ def executor(address: str, poll: float, stop: threading.Event) -> None:
     apps: dict[str, Any] = {}
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     while not stop.is_set():
+        waits.task_ready.clear()
         try:
             res = client.AcquireTask(request)
         except Exception as ex:  # the Runtime API not up yet, or going down
@@ -170,8 +206,9 @@ def executor(address: str, poll: float, stop: threading.Event) -> None:
             continue
         if res.HasField("task") and res.token:
             run_task(address, res.token, apps)
+            waits.reply_ready.set()
         else:
-            time.sleep(poll)
+            waits.task_ready.wait(1.0)  # woken by the next stored message
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,10 +218,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv += ["--isolation", "process"]
     poll = float(os.environ.get(POLL_ENV, DEFAULT_POLL))
     address = _runtime_address(argv)
-    _short_waits(poll)
+    waits = Waits(poll)
+    waits.install()
     fast_pulls(local_wait(poll))
     stop = threading.Event()
-    threading.Thread(target=executor, args=(address, local_wait(poll), stop), daemon=True).start()
+    threading.Thread(target=executor, args=(address, waits, stop), daemon=True).start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]
