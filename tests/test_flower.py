@@ -119,6 +119,8 @@ def test_federate_two_nodes_equals_simulation(
     _same_personal_state(out, tmp_path / "sim", summary, sim.history[-1]["eval"]["own_data"])
     pids = json.loads((out / "flower" / "pids.json").read_text())
     assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= set(pids)
+    # The ServerApp's log stays with the run (what `flwr run --stream` relayed).
+    assert "round 1/" in (out / "flower" / "logs" / "serverapp.log").read_text()
     time.sleep(1.0)
     assert not _alive(list(pids.values()))
     assert set(_alive(_started_here())) <= before  # no helper, node worker or app left over

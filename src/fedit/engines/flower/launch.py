@@ -327,15 +327,19 @@ def federate(
         procs.procs.insert(0, ("flwr-run", run))  # type: ignore[arg-type]
         procs.record(flower / "pids.json")
         assert run.stdout is not None
-        for line in run.stdout:
-            say(line.rstrip())
+        with (flower / "logs" / "serverapp.log").open("a", encoding="utf-8") as log:
+            for line in run.stdout:  # the ServerApp's log, as `flwr run --stream` relays it
+                log.write(line)
+                log.flush()
+                say(line.rstrip())
         run.wait()
     finally:
         procs.stop()
     summary = out / "summary.json"
     if not summary.is_file() or summary.stat().st_mtime < started:
         raise FederateError(
-            f"the run did not finish (no {summary}); SuperLink log tail:\n"
+            f"the run did not finish (no {summary}; the ServerApp's log is "
+            f"{flower / 'logs' / 'serverapp.log'}); SuperLink log tail:\n"
             + procs.log_tail("superlink")
         )
     data: dict[str, Any] = json.loads(summary.read_text(encoding="utf-8"))
