@@ -40,7 +40,7 @@ server_app = ServerApp()
 
 
 # Task keys the shim uses itself; the rest of a task record is the payload's scalars.
-SHIM_KEYS = ("config", "worker_idle_timeout", "kind", "clients")
+SHIM_KEYS = ("config", "worker_idle_timeout", "kind")
 # A payload's array group travels as one Array (its arrays in one safetensors blob), with the
 # arrays' order in a 'layout' record: Flower moves every Array as objects of its own with a
 # request each per hop, so an adapter of 120 tensors would cost hundreds of requests a message.
