@@ -403,6 +403,7 @@ def test_a_round_message_carries_a_nodes_clients_packed() -> None:
     assert thread_share({"shared-cores": 8}, 1) == 8
     assert thread_share({"shared-cores": 2}, 5) == 1
     assert thread_share({"partition-id": 0}, 2) is None  # a node on a host of its own
+    assert thread_share({"shared-cores": 8, "threads": 3}, 2) is None  # fixed: setup's 3
 
 
 def test_a_fedit_node_waits_on_events_and_polls_less_when_idle(

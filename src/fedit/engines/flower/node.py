@@ -204,8 +204,9 @@ def thread_share(node_config: dict[str, Any], training_nodes: int) -> int | None
     """Torch threads for a round's training on a node whose host runs several of the
     federation's nodes (node config `shared-cores`, as `fedit federate` sets): its share of
     those cores among the round's `training_nodes` (nodes that each take all cores train
-    many times slower than one; one node training alone takes them all)."""
-    if "shared-cores" not in node_config:
+    many times slower than one; one node training alone takes them all). None where the
+    node's threads are fixed (node config `threads`) or it has a host of its own."""
+    if "shared-cores" not in node_config or int(node_config.get("threads", 0)):
         return None
     return max(1, int(node_config["shared-cores"]) // max(1, training_nodes))
 
