@@ -305,7 +305,7 @@ def test_tls_auth_deployment_as_documented(tmp_path: Path) -> None:
 
         def node(key: str, log: str) -> subprocess.Popen[bytes]:
             node_cfg = f'data-path="{parts / "clients" / "client_0000.jsonl"}" client-id=0'
-            return start([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+            return start([str(BIN / "fedit"), "supernode", "--superlink", f"127.0.0.1:{port}",
                           "--root-certificates", str(pki / "ca.crt"),
                           "--auth-supernode-private-key", str(pki / key),
                           "--port", str(free_port()), "--node-config", node_cfg, "--max-retries", "2"],
@@ -347,6 +347,8 @@ def test_node_config_names_the_clients_a_node_holds(tmp_path: Path) -> None:
         node_clients({"partition-ids": "a-b"}, 10)
     with pytest.raises(RuntimeError, match="distinct"):
         node_clients({"partition-ids": "1,1"}, 10)
+    with pytest.raises(RuntimeError, match="partition-ids='5-2': clients \\[\\]"):
+        node_clients({"partition-ids": "5-2"}, 10)  # an empty range names what was given
     assert spread_clients(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert spread_clients(4, 4) == [[0], [1], [2], [3]]
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
@@ -434,6 +436,19 @@ def test_a_fedit_node_waits_on_events_and_polls_less_when_idle(
     waits.reply_ready.set()  # the executor pushed the reply: the reply wait ends at once
     waits.sleep(0.5)
     assert not waits.reply_ready.is_set() and len(slept) == 4
+
+
+def test_fedit_supernode_passes_flower_supernodes_own_options_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`fedit supernode --superlink ...` as docs/deployment.md writes it: the options are
+    flower-supernode's, not fedit's (the TLS test runs the node this way)."""
+    import fedit.cli as cli
+
+    got: list[list[str]] = []
+    monkeypatch.setattr(cli, "supernode_main", lambda argv: got.append(argv) or 0)
+    assert main(["supernode", "--superlink", "h:9092", "--insecure", "--port", "9095"]) == 0
+    assert got == [["--superlink", "h:9092", "--insecure", "--port", "9095"]]
 
 
 def test_federate_refuses_more_nodes_than_clients(tmp_path: Path) -> None:

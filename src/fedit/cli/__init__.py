@@ -17,7 +17,7 @@ from fedit.cli.answers import (
     cmd_votes,
 )
 from fedit.config import ConfigError, iter_keys, load_config, to_toml
-from fedit.engines.flower.supernode import cli as supernode_cli
+from fedit.engines.flower.supernode import main as supernode_main
 from fedit.errors import FeditError
 
 
@@ -202,10 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     fed.add_argument("--plain-supernodes", action="store_true",
                      help="Flower's stock flower-supernode (a ClientApp process per message) "
                      "instead of fedit supernode")  # fmt: skip
-    node = sub.add_parser(
+    sub.add_parser(  # `main` passes the arguments on as they are
         "supernode", help="Flower's SuperNode with a cheap round (flower-supernode's arguments)"
     )
-    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments")
 
     fapp = sub.add_parser(
         "flower-app", help="write the Flower app folder for a multi-host deployment"
@@ -388,12 +387,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["supernode"]:  # flower-supernode's own options, which argparse would eat
+        return supernode_main(argv[1:])
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {
         "run": _cmd_run,
         "partition": _cmd_partition,
-        "supernode": supernode_cli,
         "config": _cmd_config,
         "compare": _cmd_compare,
         "eval": cmd_eval,

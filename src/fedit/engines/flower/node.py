@@ -153,15 +153,17 @@ def node_clients(node_config: dict[str, Any], num_clients: int) -> list[int] | N
                     f"node config partition-ids={text!r}: not a list of client ids "
                     f'(e.g. "0,3,7" or "0-9")'
                 ) from None
+        given = f"partition-ids={text!r}"
     elif "partition-id" in node_config:
         ids = [int(node_config["partition-id"])]
+        given = f"partition-id={ids[0]}"
     else:
         return None
     bad = [c for c in ids if not 0 <= c < num_clients]
     if bad or not ids or len(set(ids)) != len(ids):
         raise RuntimeError(
-            f"node config {ids}: each must be a distinct client of the partition "
-            f"(0..{num_clients - 1})" + (f"; not clients: {bad}" if bad else "")
+            f"node config {given}: clients {ids}, each must be a distinct client of the "
+            f"partition (0..{num_clients - 1})" + (f"; not clients: {bad}" if bad else "")
         )
     return sorted(ids)
 

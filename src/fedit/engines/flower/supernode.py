@@ -211,7 +211,8 @@ def executor(address: str, waits: Waits, stop: threading.Event) -> None:
             waits.task_ready.wait(1.0)  # woken by the next stored message
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`fedit supernode ARGS...`: flower-supernode with these arguments, and the cheap round."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--isolation" or a.startswith("--isolation=") for a in argv):
         raise SystemExit("fedit supernode: runs its own ClientApp executor; drop --isolation")
@@ -230,13 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         flower_supernode()
     finally:
         stop.set()
-
-
-def cli(args: Any) -> int:
-    """`fedit supernode ARGS...`."""
-    main(args.args)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
