@@ -368,14 +368,16 @@ def test_node_config_names_the_clients_a_node_holds(tmp_path: Path) -> None:
         _own_files(cfg, {"data-dir": str(tmp_path / "empty")})
 
 
-def test_a_round_message_carries_a_nodes_clients_packed() -> None:
-    """No Flower processes: one message holds all of a node's clients of a round, each array
-    group packed in one Array (Flower moves each Array as objects with a request each), and
-    the arrays come back with their names, order, dtypes and values; a client whose training
-    failed comes back as its reason."""
+def test_a_round_message_carries_a_nodes_clients_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Flower processes: one message holds all of a node's clients of a round in one
+    ConfigRecord, each array group packed in one blob (Flower moves each record and Array as
+    an object with a request of its own per hop), inline when small and as an Array of its
+    own when large; the arrays come back with their names, order, dtypes and values; a client
+    whose training failed comes back as its reason."""
     import numpy as np
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+    from fedit.engines.flower import app
     from fedit.engines.flower.app import _bundle, _unbundle
     from fedit.engines.flower.node import thread_share
     from fedit.protocol import Payload
@@ -388,18 +390,23 @@ def test_a_round_message_carries_a_nodes_clients_packed() -> None:
     one = Payload({"adapter": adapter, "wire": wire, "none": {}}, {"client": 3, "round": 2})
     two = Payload({"adapter": {"x": np.arange(6.0).reshape(2, 3)}}, {"client": 5, "lr": 1e-3})
     content = _bundle([one, "DataError: client 4: no data", two], {"config": "{}"})
-    assert len(get_all_nested_objects(content)) < 25  # its 63 arrays unpacked: over 120
-    back = _unbundle(content)
-    assert back[1] == "DataError: client 4: no data"
-    for got, want in ((back[0], one), (back[2], two)):
-        assert isinstance(got, Payload)
-        assert got.values == want.values  # the shim's own keys stay out
-        assert list(got.arrays) == list(want.arrays)
-        for group, arrays in want.arrays.items():
-            assert list(got.arrays[group]) == list(arrays)
-            for k, a in arrays.items():
-                assert got.arrays[group][k].dtype == a.dtype
-                np.testing.assert_array_equal(got.arrays[group][k], a)
+    assert (
+        len(get_all_nested_objects(content)) == 2
+    )  # RecordDict, ConfigRecord (unpacked: over 120)
+    monkeypatch.setattr(app, "INLINE_MAX", 1000)  # the 30-layer adapter over it, the rest not
+    large = _bundle([one, "DataError: client 4: no data", two], {"config": "{}"})
+    assert sorted(large) == ["0/adapter", "task"]
+    for back in (_unbundle(content), _unbundle(large)):
+        assert back[1] == "DataError: client 4: no data"
+        for got, want in ((back[0], one), (back[2], two)):
+            assert isinstance(got, Payload)
+            assert got.values == want.values  # the shim's own keys stay out
+            assert list(got.arrays) == list(want.arrays)
+            for group, arrays in want.arrays.items():
+                assert list(got.arrays[group]) == list(arrays)
+                for k, a in arrays.items():
+                    assert got.arrays[group][k].dtype == a.dtype
+                    np.testing.assert_array_equal(got.arrays[group][k], a)
     # Nodes on one host share its cores among those training in the round.
     assert thread_share({"shared-cores": 8}, 3) == 2
     assert thread_share({"shared-cores": 8}, 1) == 8

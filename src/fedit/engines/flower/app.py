@@ -39,59 +39,69 @@ client_app = ClientApp(mods=[secagg.secure_mod])
 server_app = ServerApp()
 
 
-# Task keys the shim uses itself; the rest of a task record is the payload's scalars.
+# Task keys the shim uses itself; the rest of a message's record is the payloads' scalars.
 SHIM_KEYS = ("config", "worker_idle_timeout", "kind")
-# A payload's array group travels as one Array (its arrays in one safetensors blob), with the
-# arrays' order in a 'layout' record: Flower moves every Array as objects of its own with a
-# request each per hop, so an adapter of 120 tensors would cost hundreds of requests a message.
+# Flower moves every record and Array of a message as an object of its own, with an HTTP
+# request per object on each hop (ServerApp -> SuperLink -> SuperNode and back). So a message
+# is one ConfigRecord: the task, each payload's scalars, the order of its arrays, and each of
+# its array groups packed in one safetensors blob, inline as bytes up to INLINE_MAX; a larger
+# blob travels as one Array of its own ArrayRecord (which Flower cuts in chunks of 5 MB).
 PACKED = "safetensors"
+INLINE_MAX = 4 << 20
+LAYOUT, BLOB = "_layout", "_blob/"
 
 
-def _records(payload: Payload, prefix: str = "", task: dict[str, Any] | None = None) -> dict:
-    """A payload as Flower records under `prefix`: one ArrayRecord per array group (one
-    packed Array), the order of its arrays in 'layout', the scalars in 'task'."""
+def _fields(payload: Payload, prefix: str, values: dict[str, Any], big: dict[str, Any]) -> None:
+    """A payload into a message's one ConfigRecord (`values`, keys under `prefix`), with
+    blobs over INLINE_MAX into ArrayRecords of their own (`big`)."""
     from safetensors.numpy import save
 
-    records: dict[str, Any] = {}
+    values.update({prefix + k: v for k, v in payload.values.items()})
+    values[prefix + LAYOUT] = json.dumps({g: list(a) for g, a in payload.arrays.items()})
     for group, arrays in payload.arrays.items():
         blob = save({k: np.ascontiguousarray(a) for k, a in arrays.items()})
-        records[prefix + group] = ArrayRecord({PACKED: Array(np.frombuffer(blob, np.uint8))})
-    records[prefix + "layout"] = ConfigRecord({g: list(a) for g, a in payload.arrays.items()})
-    records[prefix + "task"] = ConfigRecord({**payload.values, **(task or {})})
-    return records
+        if len(blob) <= INLINE_MAX:
+            values[prefix + BLOB + group] = blob
+        else:
+            big[prefix + group] = ArrayRecord({PACKED: Array(np.frombuffer(blob, np.uint8))})
 
 
-def _content(payload: Payload, task: dict[str, Any] | None = None) -> RecordDict:
-    return RecordDict(_records(payload, "", task))
-
-
-def _payload(content: Any, prefix: str = "") -> Payload:
+def _payload(content: Any, prefix: str) -> Payload:
     from safetensors.numpy import load
 
+    record = content["task"]
     arrays = {}
-    for group, keys in content[prefix + "layout"].items():
-        got = load(content[prefix + group][PACKED].numpy().tobytes())
+    for group, keys in json.loads(str(record[prefix + LAYOUT])).items():
+        if prefix + BLOB + group in record:
+            blob = bytes(record[prefix + BLOB + group])
+        else:
+            blob = content[prefix + group][PACKED].numpy().tobytes()
+        got = load(blob)
         arrays[group] = {k: got[k] for k in keys}
-    values = {k: v for k, v in content[prefix + "task"].items() if k not in SHIM_KEYS}
+    values = {k[len(prefix):]: v for k, v in record.items()
+              if k.startswith(prefix) and k[len(prefix):] not in (LAYOUT, *SHIM_KEYS)
+              and not k[len(prefix):].startswith(BLOB)}  # fmt: skip
     return Payload(arrays, values)
 
 
 def _bundle(items: Sequence[Payload | str], task: dict[str, Any]) -> RecordDict:
-    """Several clients' payloads in one message (item i under "i/"); a str item is the reason
-    that client has none (its training failed on the node)."""
-    records: dict[str, Any] = {"task": ConfigRecord({**task, "clients": len(items)})}
+    """Several clients' payloads in one message (item i's keys under "i/"); a str item is the
+    reason that client has none (its training failed on the node)."""
+    values: dict[str, Any] = {**task, "clients": len(items)}
+    big: dict[str, Any] = {}
     for i, item in enumerate(items):
         if isinstance(item, str):
-            records[f"{i}/error"] = ConfigRecord({"reason": item})
+            values[f"{i}/error"] = item
         else:
-            records.update(_records(item, f"{i}/"))
-    return RecordDict(records)
+            _fields(item, f"{i}/", values, big)
+    return RecordDict({"task": ConfigRecord(values), **big})
 
 
 def _unbundle(content: Any) -> list[Payload | str]:
-    n = int(content["task"]["clients"])
-    return [str(content[f"{i}/error"]["reason"]) if f"{i}/error" in content else
-            _payload(content, f"{i}/") for i in range(n)]  # fmt: skip
+    task = content["task"]
+    n = int(task["clients"])
+    return [str(task[f"{i}/error"]) if f"{i}/error" in task else _payload(content, f"{i}/")
+            for i in range(n)]  # fmt: skip
 
 
 # ---------------------------------------------------------------- ClientApp (the shim)
@@ -165,6 +175,7 @@ class FlowerClients:
         self.config_json = config_json
         self.progress = progress
         self.node_of: dict[int, int] = {}
+        self.first_reply: dict[str, float] = {}  # by exchange kind, the last one's
         self.lost: list[dict[str, Any]] = []
         self.sizes = self._discover()
 
@@ -182,10 +193,14 @@ class FlowerClients:
         return Message(RecordDict(records), dst_node_id=node, message_type=kind, group_id=group)
 
     def _exchange(
-        self, messages: list[Message], timeout: float
+        self, messages: list[Message], timeout: float, kind: str = ""
     ) -> tuple[dict[int, Message], dict[int, str]]:
         """Replies by message (its index in `messages`), and why the others have none (error,
-        lost, late)."""
+        lost, late). Each poll is requests on the SuperLink that compete for the CPU with the
+        training they wait for: an exchange of a `kind` done before waits half the time its
+        first reply took then (the next round's is about as long) before it polls."""
+        quiet = self.first_reply.get(kind, 0.0) / 2 if kind else 0.0
+        first: float | None = None
         ids = list(self.grid.push_messages(messages))
         index = {mid: i for i, mid in enumerate(ids)}
         replies: dict[int, Message] = {}
@@ -195,6 +210,7 @@ class FlowerClients:
         pending = set(ids)
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
+                first = time.monotonic() - start if first is None else first
                 mid = reply.metadata.reply_to_message_id
                 pending.discard(mid)
                 if reply.has_error():
@@ -202,7 +218,10 @@ class FlowerClients:
                 else:
                     replies[index[mid]] = reply
             if pending:  # a twentieth of the wait so far: ~5% late at most, few polls
-                time.sleep(min(0.25, max(0.02, (time.monotonic() - start) / 20)))
+                waited = time.monotonic() - start
+                time.sleep(max(quiet - waited, min(0.25, max(0.02, waited / 20))))
+        if kind and first is not None:
+            self.first_reply[kind] = first
         for mid in pending:
             missing[index[mid]] = f"no reply within flower.round_timeout={timeout:g}s"
         return replies, missing
@@ -291,7 +310,7 @@ class FlowerClients:
                     dst_node_id=n, message_type="train", group_id=str(rnd))
             for n in nodes
         ]  # fmt: skip
-        replies, missing = self._exchange(messages, self.cfg.flower.round_timeout)
+        replies, missing = self._exchange(messages, self.cfg.flower.round_timeout, "train")
         got: dict[int, Payload] = {}
         for i, n in enumerate(nodes):
             clients = [t.client for t in by_node[n]]
