@@ -388,7 +388,7 @@ def test_a_round_message_carries_a_nodes_clients_packed(monkeypatch: pytest.Monk
     wire = {"q": rng.integers(-127, 127, 50).astype(np.int8), "s": np.float16([0.5]),
             "mask": np.array([True, False])}  # fmt: skip
     one = Payload({"adapter": adapter, "wire": wire, "none": {}}, {"client": 3, "round": 2})
-    two = Payload({"adapter": {"x": np.arange(6.0).reshape(2, 3)}}, {"client": 5, "lr": 1e-3})
+    two = Payload({"adapter": {"x": np.arange(6.0).reshape(2, 3)}}, {"client": 5, "error": 0.5})
     content = _bundle([one, "DataError: client 4: no data", two], {"config": "{}"})
     assert (
         len(get_all_nested_objects(content)) == 2
@@ -443,6 +443,14 @@ def test_a_fedit_node_waits_on_events_and_polls_less_when_idle(
     waits.reply_ready.set()  # the executor pushed the reply: the reply wait ends at once
     waits.sleep(0.5)
     assert not waits.reply_ready.is_set() and len(slept) == 4
+    monkeypatch.delenv(sn.POLL_ENV, raising=False)
+    assert sn.poll_interval() == sn.DEFAULT_POLL
+    monkeypatch.setenv(sn.POLL_ENV, "0.2")
+    assert sn.poll_interval() == 0.2
+    for bad in ("fast", "0", "-1", "5"):  # named, with what it wants, before the node starts
+        monkeypatch.setenv(sn.POLL_ENV, bad)
+        with pytest.raises(ValueError, match=f"FEDIT_NODE_POLL_INTERVAL='{bad}': want seconds"):
+            sn.poll_interval()
 
 
 def test_fedit_supernode_passes_flower_supernodes_own_options_on(

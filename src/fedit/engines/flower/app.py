@@ -16,7 +16,6 @@ config as JSON) and `out-dir` (run folder on the server host).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,7 +47,7 @@ SHIM_KEYS = ("config", "worker_idle_timeout", "kind")
 # blob travels as one Array of its own ArrayRecord (which Flower cuts in chunks of 5 MB).
 PACKED = "safetensors"
 INLINE_MAX = 4 << 20
-LAYOUT, BLOB = "_layout", "_blob/"
+LAYOUT, BLOB, ERROR = "_layout", "_blob/", "_error"  # beside scalars' own keys
 
 
 def _fields(payload: Payload, prefix: str, values: dict[str, Any], big: dict[str, Any]) -> None:
@@ -79,7 +78,7 @@ def _payload(content: Any, prefix: str) -> Payload:
         got = load(blob)
         arrays[group] = {k: got[k] for k in keys}
     values = {k[len(prefix):]: v for k, v in record.items()
-              if k.startswith(prefix) and k[len(prefix):] not in (LAYOUT, *SHIM_KEYS)
+              if k.startswith(prefix) and k[len(prefix):] not in (LAYOUT, ERROR, *SHIM_KEYS)
               and not k[len(prefix):].startswith(BLOB)}  # fmt: skip
     return Payload(arrays, values)
 
@@ -91,7 +90,7 @@ def _bundle(items: Sequence[Payload | str], task: dict[str, Any]) -> RecordDict:
     big: dict[str, Any] = {}
     for i, item in enumerate(items):
         if isinstance(item, str):
-            values[f"{i}/error"] = item
+            values[f"{i}/{ERROR}"] = item
         else:
             _fields(item, f"{i}/", values, big)
     return RecordDict({"task": ConfigRecord(values), **big})
@@ -100,7 +99,7 @@ def _bundle(items: Sequence[Payload | str], task: dict[str, Any]) -> RecordDict:
 def _unbundle(content: Any) -> list[Payload | str]:
     task = content["task"]
     n = int(task["clients"])
-    return [str(task[f"{i}/error"]) if f"{i}/error" in task else _payload(content, f"{i}/")
+    return [str(task[f"{i}/{ERROR}"]) if f"{i}/{ERROR}" in task else _payload(content, f"{i}/")
             for i in range(n)]  # fmt: skip
 
 
@@ -397,11 +396,11 @@ def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     from fedit.config import config_from_dict
-    from fedit.engines.flower.supernode import DEFAULT_POLL, POLL_ENV, fast_pulls, local_wait
+    from fedit.engines.flower.supernode import fast_pulls, local_wait, poll_interval
     from fedit.progress import Progress
     from fedit.recipe import run_federation
 
-    fast_pulls(local_wait(float(os.environ.get(POLL_ENV, DEFAULT_POLL))))  # no 1 s first retry
+    fast_pulls(local_wait(poll_interval()))  # no 1 s first retry
     config_json = str(context.run_config["fedit-config"])
     cfg = config_from_dict(json.loads(config_json))
     out = Path(str(context.run_config["out-dir"]))

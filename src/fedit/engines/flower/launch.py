@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from fedit.config import Config
 from fedit.engines.flower.certs import make_pki
+from fedit.engines.flower.supernode import poll_interval
 from fedit.errors import FeditError
 from fedit.files import atomic_json, atomic_text
 
@@ -285,6 +286,10 @@ def federate(
             f"--nodes {nodes} with privacy.secure_aggregation: Flower's SecAgg+ masks one "
             f"update per node, so each node must hold one client (--nodes {want})"
         )
+    try:
+        poll_interval()  # read by every node and the ServerApp: refused here, before any starts
+    except ValueError as e:
+        raise FederateError(str(e)) from None
     if cfg.federation.workers > 1:
         raise FederateError("federation.workers: the nodes train in parallel already; use 1")
     out = out.resolve()

@@ -42,6 +42,18 @@ DEFAULT_POLL = 0.05
 IDLE_POLL_MAX = 1.0  # the longest wait between pulls of a node idle for a long time
 
 
+def poll_interval() -> float:
+    """`FEDIT_NODE_POLL_INTERVAL` in seconds (DEFAULT_POLL when unset), checked."""
+    raw = os.environ.get(POLL_ENV, "").strip()
+    try:
+        poll = float(raw) if raw else DEFAULT_POLL
+    except ValueError:
+        poll = -1.0
+    if not 0 < poll <= IDLE_POLL_MAX:
+        raise ValueError(f"{POLL_ENV}={raw!r}: want seconds in (0, {IDLE_POLL_MAX:g}]")
+    return poll
+
+
 def local_wait(poll: float) -> float:
     """The first retry for a message's objects not there yet: a fifth of the poll."""
     return poll / 5
@@ -143,9 +155,6 @@ class LocalRuntime:
 
     def for_task(self, token: str) -> LocalRuntime:
         return LocalRuntime(self.state, token)
-
-    def close(self) -> None:
-        pass
 
     def __getattr__(self, name: str) -> Callable[[Any], Any]:
         """SendTaskHeartbeat, PullTaskInput, PullMessages, PullObject, ConfirmMessageReceived,
@@ -257,7 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a == "--isolation" or a.startswith("--isolation=") for a in argv):
         raise SystemExit("fedit supernode: runs its own ClientApp executor; drop --isolation")
     argv += ["--isolation", "process"]
-    poll = float(os.environ.get(POLL_ENV, DEFAULT_POLL))
+    try:
+        poll = poll_interval()
+    except ValueError as e:
+        raise SystemExit(f"fedit supernode: {e}") from None
     waits = Waits(poll)
     waits.install()
     fast_pulls(local_wait(poll))
